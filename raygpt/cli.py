@@ -1,0 +1,121 @@
+"""``raygpt``: one command, a verb per stage.
+
+Each verb's handler lives in the module of its concern and is imported only when that verb
+runs, so ``raygpt --help`` stays fast. A ``RaygptError`` anywhere becomes one line on stderr
+and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from raygpt import __version__
+from raygpt.errors import RaygptError
+
+
+def _spec_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    if required:
+        p.add_argument("spec", help="run spec (YAML), e.g. jobs/train-gpt2-small-fineweb.yaml")
+    else:
+        p.add_argument("spec", nargs="?", default=None, help="run spec (YAML); defaults when omitted")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec value, e.g. --set train.lr=3e-4 (repeatable)")
+
+
+def _ray_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join (default: $RAY_ADDRESS, else a local instance)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray instance")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raygpt", description="Train GPT-2-class models from scratch on Ray, and judge them.")
+    parser.add_argument("--version", action="version", version=f"raygpt {__version__}")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    data = verbs.add_parser("data", help="prepare token shards").add_subparsers(dest="data_verb", required=True)
+    p = data.add_parser("prepare", help="text -> GPT-2 tokens -> shards + manifest (local or s3://)")
+    _spec_args(p, required=False)
+    p.add_argument("--source", help="fineweb, fineweb-edu, stdlib, or a local path/glob (data.source)")
+    p.add_argument("--output", help="local directory or s3://bucket/prefix (data.output)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--tokens", type=int, help="training-token budget (data.tokens)")
+    budget.add_argument("--chinchilla", metavar="PRESET", help="20 tokens per parameter of PRESET (data.chinchilla)")
+    p.set_defaults(handler="raygpt.data:prepare_command")
+
+    p = verbs.add_parser("train", help="pretrain with Ray Train (resumes a run of the same name)")
+    _spec_args(p)
+    _ray_args(p)
+    p.set_defaults(handler="raygpt.train:train_command")
+
+    p = verbs.add_parser("eval", help="test loss of checkpoints on the fixed test split")
+    _spec_args(p)
+    _ray_args(p)
+    p.add_argument("--model", dest="models", action="append", default=None,
+                   help="model to evaluate (run name, checkpoint URI, openai:gpt2); repeatable; replaces eval.models")
+    p.set_defaults(handler="raygpt.evaluate:eval_command")
+
+    p = verbs.add_parser("ift", help="instruction fine-tuning and answer generation")
+    _spec_args(p)
+    _ray_args(p)
+    p.set_defaults(handler="raygpt.ift:ift_command")
+
+    p = verbs.add_parser("judge", help="score fine-tuned answers with an LLM judge")
+    _spec_args(p)
+    p.set_defaults(handler="raygpt.judge:judge_command")
+
+    p = verbs.add_parser("report", help="compare runs: terminal table, Markdown/JSON/CSV, plots")
+    _spec_args(p, required=False)
+    p.set_defaults(handler="raygpt.report:report_command")
+
+    p = verbs.add_parser("export", help="a checkpoint as a Hugging Face GPT-2 directory")
+    p.add_argument("model", help="run name, checkpoint URI or openai:NAME")
+    p.add_argument("output", help="directory for config.json + model.safetensors")
+    _spec_args(p, required=False)
+    p.set_defaults(handler="raygpt.hf:export_command")
+
+    p = verbs.add_parser("quickstart", help="the whole path on one machine, in minutes")
+    p.add_argument("--workdir", default=".raygpt/quickstart", help="where data, store and report go")
+    p.add_argument("--source", default=None, help="corpus: a local path, fineweb, or stdlib (default: try fineweb, else stdlib)")
+    p.add_argument("--endpoint", default=None, help="use this S3 endpoint instead of starting SeaweedFS")
+    p.add_argument("--bucket", default="raygpt-quickstart", help="bucket for data and checkpoints")
+    p.set_defaults(handler="raygpt.quickstart:quickstart_command")
+
+    p = verbs.add_parser("submit", help="submit a run spec as a Ray job and follow its logs")
+    _spec_args(p)
+    p.add_argument("--address", default=None, help="Ray dashboard address (default: $RAY_ADDRESS or http://127.0.0.1:8265)")
+    p.add_argument("--verb", default=None, help="stage to run (default: from the spec's file name, else train)")
+    p.add_argument("--no-follow", action="store_true", help="return after submitting")
+    p.set_defaults(handler="raygpt.jobs:submit_command")
+
+    p = verbs.add_parser("jobs", help="status, logs or stop of a submitted job")
+    p.add_argument("action", choices=["status", "logs", "stop", "list"])
+    p.add_argument("job_id", nargs="?", help="submission id (raygpt-<run name>)")
+    p.add_argument("--address", default=None, help="Ray dashboard address")
+    p.set_defaults(handler="raygpt.jobs:jobs_command")
+
+    p = verbs.add_parser("doctor", help="check versions, GPUs/NCCL, tokenizer and storage")
+    p.add_argument("--storage", default=None, help="URI whose reachability to check (e.g. s3://bucket/prefix)")
+    p.set_defaults(handler="raygpt.doctor:doctor_command")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module_name, func_name = args.handler.split(":")
+    try:
+        handler = getattr(importlib.import_module(module_name), func_name)
+        status = handler(args)
+    except RaygptError as e:
+        print(f"raygpt {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"raygpt {args.verb}: interrupted", file=sys.stderr)
+        return 130
+    return int(status or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

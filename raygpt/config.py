@@ -1,0 +1,478 @@
+"""Typed run specs: one dataclass per concern, loaded from YAML and checked all at once.
+
+A run spec (``jobs/*.yaml``) is a mapping whose top-level keys are ``name``,
+``storage_path`` and one section per concern below. Every field has a default
+here and a docstring under it saying what it means. ``load_spec`` reports every
+unknown key, wrong type and missing value in one error that names the file and key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from raygpt.errors import RaygptError
+
+
+@dataclass
+class StorageConfig:
+    endpoint_url: str | None = None
+    """S3-compatible endpoint, e.g. ``http://127.0.0.1:8333`` (SeaweedFS, MinIO) or an R2 URL.
+    None: ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` from the environment, else AWS itself.
+    Credentials are never part of a spec: they come from the standard AWS environment,
+    config files or an instance profile."""
+
+    region: str | None = None
+    """S3 region. None: ``AWS_REGION``/``AWS_DEFAULT_REGION``, else ``us-east-1``."""
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "gpt2-small"
+    """Architecture preset from ``raygpt.model.PRESETS`` (gpt2-small, gpt2-medium, ..., tiny)."""
+
+    context_length: int | None = None
+    """Override the preset's context length (tokens). None keeps the preset's."""
+
+    dropout: float = 0.0
+    """Dropout on embeddings, attention and residual outputs. 0 for pretraining at this scale."""
+
+    qkv_bias: bool = False
+    """Bias on the query/key/value projection. OpenAI's GPT-2 has one; the book's from-scratch run does not."""
+
+    tie_weights: bool = False
+    """Share the token embedding with the output head. OpenAI's GPT-2 ties them (124M params);
+    untied gpt2-small has 163M."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "fineweb"
+    """``fineweb`` (FineWeb sample-10BT), ``fineweb-edu`` (FineWeb-Edu sample-10BT), ``stdlib``
+    (docstrings of the Python standard library: offline and always present), or a local path,
+    directory or glob of .txt, .jsonl or .parquet files."""
+
+    output: str = "data/fineweb"
+    """Where shards and ``manifest.json`` go: a local directory or ``s3://bucket/prefix``."""
+
+    tokens: int | None = None
+    """Training-token budget. None with ``chinchilla`` unset: the whole source."""
+
+    chinchilla: str | None = None
+    """Model preset whose Chinchilla-optimal budget (20 tokens per parameter) sets ``tokens``."""
+
+    shard_tokens: int = 100_000_000
+    """Tokens per shard file (uint16, so 2 bytes each). The last shard of a split may be shorter."""
+
+    val_tokens: int = 10_000_000
+    """Tokens in the validation split (periodic loss during training)."""
+
+    test_tokens: int = 10_000_000
+    """Tokens in the fixed test split that every run is compared on."""
+
+    heldout_permille: int = 10
+    """Documents whose content hash falls in this many of 1000 buckets are held out for
+    validation and test and never enter training, in any run, whatever its budget."""
+
+    text_column: str = "text"
+    """Column or JSON key that holds the document text."""
+
+    num_proc: int = 0
+    """Tokenizer processes. 0: one per CPU."""
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "data/fineweb"
+    """Prepared dataset: the directory or ``s3://`` prefix holding ``manifest.json``."""
+
+    seq_len: int | None = None
+    """Tokens per training sequence. None: the model's context length."""
+
+    global_batch_tokens: int = 524_288
+    """Tokens per optimizer step across all workers (0.5M as in GPT-3 small). Independent of the
+    number of workers: gradient accumulation makes up the difference."""
+
+    micro_batch_size: int = 16
+    """Sequences per worker per forward/backward pass."""
+
+    max_steps: int | None = None
+    """Optimizer steps. None: ``data.tokens`` of the manifest divided by ``global_batch_tokens``."""
+
+    lr: float = 6.0e-4
+    """Peak learning rate."""
+
+    min_lr_ratio: float = 0.1
+    """The cosine schedule ends at ``lr * min_lr_ratio``."""
+
+    warmup_steps: int = 700
+    """Linear warmup steps from 0 to ``lr``."""
+
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to 2-D weights only (not biases, LayerNorms)."""
+
+    beta1: float = 0.9
+    """AdamW beta1."""
+
+    beta2: float = 0.95
+    """AdamW beta2."""
+
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value. 0 disables clipping."""
+
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Autocast dtype. auto: bf16 on GPUs that support it, fp16 with a GradScaler on older GPUs,
+    fp32 on CPU (where bitwise-exact resume is checked)."""
+
+    compile: bool = False
+    """Compile the model with ``torch.compile``."""
+
+    seed: int = 1337
+    """Seeds model init, data order and dropout. Data order depends on the seed and step only."""
+
+    log_interval: int = 10
+    """Report metrics every this many steps."""
+
+    val_interval: int = 250
+    """Compute validation loss every this many steps (and at the end). 0 disables it."""
+
+    val_tokens: int = 1_048_576
+    """Validation tokens per evaluation, shared across workers."""
+
+    num_workers: int = 1
+    """Ray Train workers (one per GPU on GPU clusters)."""
+
+    use_gpu: bool | None = None
+    """Train on GPUs. None: yes when the Ray cluster has any."""
+
+    cpus_per_worker: int = 1
+    """CPUs reserved per worker (data loading, and the compute on CPU runs)."""
+
+    max_failures: int = 3
+    """Times Ray Train restarts the workers from the last checkpoint after a worker or node dies."""
+
+    fail_at_step: int | None = None
+    """Fault injection for tests: the last worker exits hard at this step, once per run."""
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 1000
+    """Save a checkpoint every this many steps (and at the end)."""
+
+    keep: int = 2
+    """Checkpoints kept in storage; older ones are deleted."""
+
+    async_upload: bool = True
+    """Write checkpoints locally and let Ray upload them in the background, so training does
+    not wait on the network."""
+
+
+@dataclass
+class EvalConfig:
+    models: list[str] = field(default_factory=list)
+    """Models to evaluate: run names under ``storage_path``, checkpoint URIs, or ``openai:gpt2``."""
+
+    dataset: str = "data/fineweb"
+    """Prepared dataset whose test split is the yardstick."""
+
+    batch_size: int = 8
+    """Sequences per forward pass."""
+
+    max_tokens: int | None = None
+    """Evaluate only the first this many test tokens. None: the whole test split."""
+
+    output: str | None = None
+    """Where ``test_loss.json`` goes. None: ``<storage_path>/eval``."""
+
+
+@dataclass
+class IftConfig:
+    data: str = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json"
+    """Instruction dataset (a JSON list of instruction/input/output): URL or local path."""
+
+    models: list[str] = field(default_factory=list)
+    """Base models to fine-tune: run names, checkpoint URIs or ``openai:gpt2``."""
+
+    epochs: int = 2
+    """Passes over the training split."""
+
+    lr: float = 5.0e-5
+    """AdamW learning rate."""
+
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+
+    batch_size: int = 8
+    """Examples per step."""
+
+    mask_prompt: bool = False
+    """Also exclude the prompt tokens from the loss (the book trains on them)."""
+
+    eval_interval: int = 50
+    """Validation loss every this many steps (early stopping checks it)."""
+
+    patience: int = 3
+    """Early stopping: validations without improvement before training stops."""
+
+    max_new_tokens: int = 256
+    """Answer length limit at generation."""
+
+    seed: int = 123
+    """Seeds the split shuffle, batch order and dropout."""
+
+    output: str | None = None
+    """Where fine-tuned answers go. None: ``<storage_path>/ift``."""
+
+
+@dataclass
+class JudgeConfig:
+    base_url: str | None = None
+    """OpenAI-compatible endpoint (vLLM, Ollama, llama.cpp). None: OpenAI itself."""
+
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable that holds the API key. The key itself is never written anywhere."""
+
+    model: str = "gpt-4o-mini"
+    """Judge model."""
+
+    mode: Literal["single", "comparative"] = "comparative"
+    """single: the book's prompt, one answer per call, 0-100. comparative: all models' answers
+    to one item in one call, shuffled, with the reference answer."""
+
+    passes: int = 3
+    """Judging passes, each with new answer orders; their agreement is reported."""
+
+    temperature: float = 0.0
+    """Judge sampling temperature."""
+
+    seed: int = 123
+    """Seeds answer orders and bootstrap resampling, and is sent to the endpoint."""
+
+    max_tokens: int = 1024
+    """Judge reply length limit."""
+
+    concurrency: int = 8
+    """Judge calls in flight at once."""
+
+    max_retries: int = 5
+    """Retries for unparseable replies, rate limits and server errors."""
+
+    anchors: bool = True
+    """Judge the reference answer and an empty answer as hidden candidates (sanity anchors)."""
+
+    answers: list[str] = field(default_factory=list)
+    """Answer files (from ``raygpt ift``) to judge. Empty: every file under the ift output."""
+
+    cache_dir: str = ".raygpt/judge-cache"
+    """Content-keyed cache of judge replies: a re-run is free and an interrupted run resumes."""
+
+    output: str | None = None
+    """Where judgements go. None: ``<storage_path>/judge``."""
+
+
+@dataclass
+class ReportConfig:
+    runs: list[str] = field(default_factory=list)
+    """Run names under ``storage_path`` to show (training curves). Empty: all found."""
+
+    output: str = "report"
+    """Local directory for the Markdown, JSON, CSV and PNG files."""
+
+
+@dataclass
+class RunSpec:
+    name: str = "run"
+    """Run name: the folder under ``storage_path`` and the key Ray Train resumes by."""
+
+    storage_path: str = "runs"
+    """Where runs live: a local directory or ``s3://bucket/prefix``."""
+
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ift: IftConfig = field(default_factory=IftConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+    def __post_init__(self) -> None:
+        problems = check_spec(self)
+        if problems:
+            raise RaygptError("invalid run spec:\n  " + "\n  ".join(problems))
+
+
+def check_spec(spec: RunSpec) -> list[str]:
+    """Cross-field checks that types alone cannot express; each problem names its key."""
+    problems = []
+    if not spec.name or "/" in spec.name:
+        problems.append(f"name: {spec.name!r} must be a non-empty name without '/'")
+    t = spec.train
+    for key in ("global_batch_tokens", "micro_batch_size", "num_workers", "log_interval", "cpus_per_worker"):
+        if getattr(t, key) <= 0:
+            problems.append(f"train.{key}: must be positive, got {getattr(t, key)}")
+    if t.lr <= 0:
+        problems.append(f"train.lr: must be positive, got {t.lr}")
+    if not 0 <= spec.model.dropout < 1:
+        problems.append(f"model.dropout: must be in [0, 1), got {spec.model.dropout}")
+    if spec.checkpoint.keep < 1:
+        problems.append(f"checkpoint.keep: must be at least 1, got {spec.checkpoint.keep}")
+    if spec.checkpoint.interval <= 0:
+        problems.append(f"checkpoint.interval: must be positive, got {spec.checkpoint.interval}")
+    if spec.data.tokens is not None and spec.data.chinchilla is not None:
+        problems.append("data.tokens and data.chinchilla: give one token budget, not both")
+    if not 0 < spec.data.heldout_permille < 1000:
+        problems.append(f"data.heldout_permille: must be in 1..999, got {spec.data.heldout_permille}")
+    if spec.judge.passes < 1:
+        problems.append(f"judge.passes: must be at least 1, got {spec.judge.passes}")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: YAML -> dataclasses, collecting every problem before raising.
+
+
+def load_spec(path: str | Path | None = None, overrides: list[str] | None = None) -> RunSpec:
+    """Load a run spec from YAML (or the defaults when ``path`` is None) and apply ``--set`` overrides.
+
+    Overrides look like ``train.lr=3e-4``; values are parsed as YAML.
+    """
+    where = str(path) if path else "<defaults>"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise RaygptError(f"{where}: cannot read run spec ({e.strerror})") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or str(e)
+            raise RaygptError(f"{where}:{at}: malformed YAML: {problem}") from None
+        if not isinstance(raw, dict):
+            raise RaygptError(f"{where}: a run spec is a mapping of sections, got {type(raw).__name__}")
+    problems: list[str] = []
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            problems.append(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
+            continue
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                problems.append(f"--set {key}: {part} is not a section")
+                break
+        else:
+            node[leaf] = yaml.safe_load(value) if value else value
+    values = _convert(RunSpec, raw, "", problems)
+    if problems:
+        raise RaygptError(f"{where}: invalid run spec:\n  " + "\n  ".join(problems))
+    return values
+
+
+def spec_to_dict(spec: Any) -> dict[str, Any]:
+    """A plain, YAML/JSON-serialisable dict of a spec (or any config dataclass)."""
+    return dataclasses.asdict(spec)
+
+
+def _convert(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix.rstrip('.') or '<top>'}: expected a section (mapping), got {_describe(raw)}")
+        return None
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(names)})"
+            problems.append(f"{prefix}{key}: unknown key{hint}")
+            continue
+        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}", problems)
+    if problems:
+        return None
+    if cls is RunSpec:
+        try:
+            return cls(**kwargs)
+        except RaygptError as e:
+            problems.extend(str(e).split("\n  ")[1:])
+            return None
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _convert(tp, value if value is not None else {}, key + ".", problems)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(inner[0], value, key, problems)
+    if origin is Literal:
+        if value not in args:
+            problems.append(f"{key}: expected one of {', '.join(map(repr, args))}, got {_describe(value)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            problems.append(f"{key}: expected a list, got {_describe(value)}")
+            return value
+        return [_coerce(args[0], v, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+    if value is None:
+        problems.append(f"{key}: a value is required")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{key}: expected true or false, got {_describe(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            # YAML reads 1e9 as a string and 1.0e9 as a float: accept either when integral.
+            try:
+                as_float = float(value)
+            except (TypeError, ValueError):
+                as_float = None
+            if isinstance(value, bool) or as_float is None or not as_float.is_integer():
+                problems.append(f"{key}: expected an integer, got {_describe(value)}")
+                return value
+            return int(as_float)
+        return value
+    if tp is float:
+        if isinstance(value, bool):
+            problems.append(f"{key}: expected a number, got {_describe(value)}")
+            return value
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            problems.append(f"{key}: expected a number, got {_describe(value)}")
+            return value
+    if tp is str:
+        if not isinstance(value, str):
+            problems.append(f"{key}: expected a string, got {_describe(value)}")
+        return value
+    return value
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if value is None:
+        return "nothing"
+    return f"{value!r} ({type(value).__name__})"

@@ -1,0 +1,283 @@
+"""The GPT-2 architecture, as in "Build a Large Language Model (from Scratch)" and nanoGPT.
+
+Token + learned position embeddings, pre-LayerNorm transformer blocks (causal multi-head
+attention, GELU-tanh MLP), a final LayerNorm and a linear head. Parameter names follow
+OpenAI's GPT-2 checkpoints (wte, wpe, h.N.attn.c_attn, ...) so importing their weights is a
+rename-free mapping (see ``raygpt.hf``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from raygpt.tokenizer import EOT_ID, VOCAB_SIZE
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = VOCAB_SIZE
+    """Token vocabulary (GPT-2's BPE: 50257)."""
+    context_length: int = 1024
+    """Longest sequence the position embedding covers."""
+    n_layer: int = 12
+    """Transformer blocks."""
+    n_head: int = 12
+    """Attention heads per block; ``n_embd`` must be divisible by it."""
+    n_embd: int = 768
+    """Width of the residual stream."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention weights and residual branches."""
+    qkv_bias: bool = False
+    """Bias on the fused query/key/value projection (OpenAI's GPT-2 has one)."""
+    tie_weights: bool = False
+    """Output head shares the token embedding matrix (OpenAI's GPT-2 does)."""
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+
+
+# Architecture presets. The GPT-2 family uses context 1024; the small presets keep tests and
+# the quickstart fast on a CPU.
+PRESETS: dict[str, GPTConfig] = {
+    "gpt2-small": GPTConfig(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600),
+    "nano": GPTConfig(n_layer=4, n_head=4, n_embd=128, context_length=256),
+    "tiny": GPTConfig(n_layer=2, n_head=2, n_embd=32, context_length=64),
+}
+
+
+def config_from_spec(model_spec) -> GPTConfig:
+    """A ``GPTConfig`` from a run spec's ``model`` section (preset plus overrides)."""
+    from raygpt.errors import RaygptError
+
+    if model_spec.preset not in PRESETS:
+        raise RaygptError(f"model.preset: unknown preset {model_spec.preset!r} (known: {', '.join(PRESETS)})")
+    overrides = dict(dropout=model_spec.dropout, qkv_bias=model_spec.qkv_bias, tie_weights=model_spec.tie_weights)
+    if model_spec.context_length is not None:
+        overrides["context_length"] = model_spec.context_length
+    return replace(PRESETS[model_spec.preset], **overrides)
+
+
+class KVCache:
+    """Keys and values of one attention layer for incremental decoding: (B, nh, T_max, hs)."""
+
+    def __init__(self, batch: int, n_head: int, max_len: int, head_dim: int, device, dtype):
+        self.k = torch.zeros(batch, n_head, max_len, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.size(2)
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        # query, key and value projections for all heads in one matmul
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.qkv_bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cache: KVCache | None = None, cache_start: int = 0, mask=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.update(cache_start, k, v)  # (B, nh, S, hs), S = cache_start + T
+        dropout_p = self.dropout if self.training else 0.0
+        if mask is None:
+            # flash / memory-efficient kernels on GPU
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.gelu = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None, cache_start=0, mask=None):
+        x = x + self.attn(self.ln_1(x), cache, cache_start, mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.context_length, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_weights:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of the residual projections: 1/sqrt(2 * n_layer), one per sublayer
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters, tied ones counted once. ``non_embedding`` leaves out the position
+        embedding (and the token embedding unless it doubles as the head), as in the
+        Kaplan/Chinchilla FLOP counts."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields tied tensors once
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+            if not self.config.tie_weights:
+                n -= self.transformer.wte.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token (forward + backward): 6 per weight, plus attention's
+        12 * n_layer * n_embd * seq_len (PaLM appendix B). Used for MFU."""
+        c = self.config
+        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * seq_len
+
+    def forward(self, idx, targets=None, *, caches: list[KVCache] | None = None, cache_start: int = 0,
+                positions=None, mask=None):
+        """Logits (B, T, vocab) and, with ``targets``, the mean cross-entropy over targets that
+        are not -100. ``caches``/``positions``/``mask`` serve incremental decoding."""
+        B, T = idx.size()
+        if T > self.config.context_length:
+            raise ValueError(f"sequence of {T} tokens exceeds the context length {self.config.context_length}")
+        if positions is None:
+            positions = torch.arange(cache_start, cache_start + T, device=idx.device)
+        tok_emb = self.transformer.wte(idx)  # (B, T, n_embd)
+        pos_emb = self.transformer.wpe(positions)  # (T, n_embd) or (B, T, n_embd)
+        x = self.transformer.drop(tok_emb + pos_emb)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, caches[i] if caches else None, cache_start, mask)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
+        return logits, loss
+
+    def configure_optimizer(self, lr: float, weight_decay: float, betas: tuple[float, float],
+                            device_type: str) -> torch.optim.AdamW:
+        """AdamW that decays 2-D weights (matmuls, embeddings) but not biases or LayerNorms."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        # The fused kernel is CUDA-only; the for-each one is the fast path elsewhere.
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int | None = None, eos_id: int | None = EOT_ID,
+                 generator: torch.Generator | None = None) -> list[list[int]]:
+        """Continue each prompt by up to ``max_new_tokens`` tokens, in one batch, with a KV cache.
+
+        Greedy at temperature 0, else sampled (optionally from the top k). A sequence stops at
+        ``eos_id``, which is not returned. Prompts of different lengths are left-padded and
+        masked, with positions counted from each prompt's first real token, so a prompt gets
+        the same continuation alone or in a batch. Prompts longer than the context allows are
+        cut from the left. Returns the new tokens of each prompt.
+        """
+        if not prompts or max_new_tokens <= 0:
+            return [[] for _ in prompts]
+        was_training = self.training
+        self.eval()
+        device = self.lm_head.weight.device
+        ctx = self.config.context_length
+        max_new_tokens = min(max_new_tokens, ctx - 1)
+        prompts = [p[-(ctx - max_new_tokens):] or [eos_id or 0] for p in prompts]
+        B, L = len(prompts), max(len(p) for p in prompts)
+        total = L + max_new_tokens
+
+        idx = torch.zeros(B, L, dtype=torch.long, device=device)
+        key_valid = torch.ones(B, total, dtype=torch.bool, device=device)
+        for b, p in enumerate(prompts):
+            idx[b, L - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
+            key_valid[b, :L - len(p)] = False
+        lengths = torch.tensor([len(p) for p in prompts], device=device)
+        positions = (key_valid[:, :L].long().cumsum(1) - 1).clamp(min=0)  # (B, L)
+
+        c = self.config
+        dtype = self.lm_head.weight.dtype
+        caches = [KVCache(B, c.n_head, total, c.n_embd // c.n_head, device, dtype) for _ in range(c.n_layer)]
+        causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+        # A padding query may only see itself: a row with no visible key would make NaNs.
+        mask = (causal & key_valid[:, None, None, :L]) | torch.eye(L, dtype=torch.bool, device=device)
+        logits, _ = self(idx, caches=caches, positions=positions, mask=mask)
+        logits = logits[:, -1, :]
+
+        out = [[] for _ in range(B)]
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            next_id = self._pick(logits, temperature, top_k, generator)  # (B,)
+            for b in range(B):
+                if not done[b]:
+                    if eos_id is not None and next_id[b].item() == eos_id:
+                        done[b] = True
+                    else:
+                        out[b].append(next_id[b].item())
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            start = L + step
+            mask = key_valid[:, None, None, :start + 1]
+            logits, _ = self(next_id[:, None], caches=caches, cache_start=start,
+                             positions=(lengths + step)[:, None], mask=mask)
+            logits = logits[:, -1, :]
+        self.train(was_training)
+        return out
+
+    @staticmethod
+    def _pick(logits, temperature: float, top_k: int | None, generator) -> torch.Tensor:
+        if temperature <= 0:
+            return logits.argmax(dim=-1)
+        logits = logits.float() / temperature
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = F.softmax(logits, dim=-1)
+        return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)

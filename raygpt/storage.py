@@ -1,0 +1,238 @@
+"""The storage seam: local paths and ``s3://`` URIs read and written the same way.
+
+Data shards, checkpoints, run records and results all go through ``Storage``. Local paths
+are used as they are; ``s3://bucket/key`` goes to any S3-compatible endpoint (AWS, MinIO,
+SeaweedFS, R2) through pyarrow, the filesystem Ray Train itself uploads checkpoints with.
+
+Writes are atomic: an object is written under a temporary name and then moved into place,
+so a reader never sees half a file. Credentials come from the standard AWS chain
+(environment, ``~/.aws``, instance profile) and never appear in a message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow.fs as pafs
+
+from raygpt.errors import RaygptError
+
+
+def is_remote(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a local path or URI with '/'."""
+    out = uri.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+@dataclass(frozen=True)
+class Storage:
+    """Reads and writes local paths and ``s3://`` URIs. Holds no credentials, so it pickles
+    safely into Ray tasks and workers, which resolve credentials from their own environment."""
+
+    endpoint_url: str | None = None
+    """S3 endpoint. None: ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, else AWS."""
+
+    region: str | None = None
+    """S3 region. None: ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, else us-east-1."""
+
+    @classmethod
+    def from_config(cls, config: Any) -> Storage:
+        """From a ``StorageConfig`` (or anything with ``endpoint_url`` and ``region``)."""
+        return cls(endpoint_url=config.endpoint_url, region=config.region)
+
+    # -- resolution ------------------------------------------------------------------------
+
+    def resolved_endpoint(self) -> str | None:
+        return self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+    def s3_filesystem(self) -> pafs.S3FileSystem:
+        endpoint = self.resolved_endpoint()
+        kwargs: dict[str, Any] = dict(
+            region=self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+            connect_timeout=5,
+            request_timeout=60,
+            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3),
+        )
+        if endpoint:
+            # pyarrow does not read the endpoint from the environment: it must be passed.
+            scheme, _, host = endpoint.partition("://")
+            kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+            # Path-style addressing: MinIO and SeaweedFS serve buckets as /bucket/key.
+            kwargs["force_virtual_addressing"] = False
+        return pafs.S3FileSystem(**kwargs)
+
+    def resolve(self, uri: str) -> tuple[pafs.FileSystem, str]:
+        """The pyarrow filesystem and the path within it for a local path or ``s3://`` URI."""
+        if is_remote(uri):
+            return self.s3_filesystem(), uri[len("s3://"):].rstrip("/")
+        return pafs.LocalFileSystem(), str(Path(uri).expanduser().absolute())
+
+    def ray_storage(self, uri: str) -> tuple[str, pafs.FileSystem | None]:
+        """``(storage_path, storage_filesystem)`` for Ray Train's ``RunConfig``."""
+        fs, path = self.resolve(uri)
+        return (path, fs) if is_remote(uri) else (path, None)
+
+    # -- operations ------------------------------------------------------------------------
+
+    def exists(self, uri: str) -> bool:
+        fs, path = self.resolve(uri)
+        with _explained(uri, "check"):
+            return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+    def read_bytes(self, uri: str) -> bytes:
+        fs, path = self.resolve(uri)
+        with _explained(uri, "read"):
+            with fs.open_input_stream(path) as f:
+                return f.read()
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        """Write atomically: a temporary object first, moved into place when complete."""
+        fs, path = self.resolve(uri)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with _explained(uri, "write"):
+            parent = path.rsplit("/", 1)[0]
+            if not is_remote(uri):
+                fs.create_dir(parent, recursive=True)
+            try:
+                with fs.open_output_stream(tmp) as f:
+                    f.write(data)
+                fs.move(tmp, path)
+            except BaseException:
+                _delete_quietly(fs, tmp)
+                raise
+
+    def read_json(self, uri: str) -> Any:
+        try:
+            return json.loads(self.read_bytes(uri))
+        except json.JSONDecodeError as e:
+            raise RaygptError(f"{uri}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+    def write_json(self, uri: str, obj: Any) -> None:
+        self.write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+    def read_text(self, uri: str) -> str:
+        return self.read_bytes(uri).decode()
+
+    def write_text(self, uri: str, text: str) -> None:
+        self.write_bytes(uri, text.encode())
+
+    def list(self, uri: str, recursive: bool = False) -> list[str]:
+        """Names (relative to ``uri``) of the files and folders under ``uri``; [] when absent."""
+        fs, path = self.resolve(uri)
+        with _explained(uri, "list"):
+            infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=recursive))
+        return sorted(info.path[len(path):].lstrip("/") for info in infos)
+
+    def delete(self, uri: str) -> None:
+        """Delete a file or a whole folder; nothing when absent."""
+        fs, path = self.resolve(uri)
+        with _explained(uri, "delete"):
+            info = fs.get_file_info(path)
+            if info.type == pafs.FileType.Directory:
+                fs.delete_dir(path)
+            elif info.type == pafs.FileType.File:
+                fs.delete_file(path)
+
+    def download(self, uri: str, local_path: str | Path) -> None:
+        """Copy a file or folder to the local disk (atomically per file)."""
+        fs, path = self.resolve(uri)
+        local = Path(local_path)
+        with _explained(uri, "download"):
+            info = fs.get_file_info(path)
+            if info.type == pafs.FileType.NotFound:
+                raise RaygptError(f"{uri}: not found")
+            if info.type == pafs.FileType.File:
+                local.parent.mkdir(parents=True, exist_ok=True)
+                tmp = local.with_name(f"{local.name}.tmp-{uuid.uuid4().hex[:8]}")
+                try:
+                    pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+                    tmp.replace(local)
+                finally:
+                    tmp.unlink(missing_ok=True)
+            else:
+                local.mkdir(parents=True, exist_ok=True)
+                pafs.copy_files(path, str(local.absolute()), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+
+    def upload(self, local_path: str | Path, uri: str) -> None:
+        """Copy a local file or folder to ``uri``."""
+        fs, path = self.resolve(uri)
+        local = Path(local_path).absolute()
+        with _explained(uri, "upload"):
+            if local.is_file():
+                self.write_bytes(uri, local.read_bytes())
+            else:
+                pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+    def check_access(self, uri: str, write: bool = False) -> None:
+        """Fail early, with one clear message, when ``uri`` cannot be reached, its bucket does
+        not exist, or the credentials are missing or wrong. ``write`` also proves we may write."""
+        fs, path = self.resolve(uri)
+        if is_remote(uri):
+            bucket = path.split("/", 1)[0]
+            if len(bucket) < 3:
+                raise RaygptError(f"{uri}: S3 bucket names have at least 3 characters")
+            with _explained(uri, "reach"):
+                info = fs.get_file_info(bucket)
+            if info.type == pafs.FileType.NotFound:
+                raise RaygptError(f"{uri}: bucket {bucket!r} does not exist at {self.resolved_endpoint() or 'AWS S3'}")
+        if write:
+            probe = join(uri, f".raygpt-write-probe-{uuid.uuid4().hex[:8]}")
+            self.write_bytes(probe, b"ok")
+            self.delete(probe)
+
+    def iter_lines(self, uri: str) -> Iterator[str]:
+        yield from self.read_text(uri).splitlines()
+
+
+def _delete_quietly(fs: pafs.FileSystem, path: str) -> None:
+    try:
+        fs.delete_file(path)
+    except OSError:
+        pass
+
+
+class _explained:
+    """Turns pyarrow's S3 errors into one message naming the URI and the likely cause."""
+
+    def __init__(self, uri: str, action: str):
+        self.uri, self.action = uri, action
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None or isinstance(exc, RaygptError) or not isinstance(exc, OSError):
+            return False
+        raise RaygptError(explain_storage_error(self.uri, self.action, exc)) from None
+
+
+def explain_storage_error(uri: str, action: str, exc: BaseException) -> str:
+    text = str(exc)
+    lowered = text.lower()
+    if isinstance(exc, FileNotFoundError) or "path does not exist" in lowered or "nosuchkey" in lowered:
+        cause = "not found"
+    elif "nosuchbucket" in lowered or "bucket does not exist" in lowered:
+        cause = "the bucket does not exist"
+    elif any(s in lowered for s in ("access_denied", "accessdenied", "invalidaccesskeyid", "signaturedoesnotmatch", "forbidden", "403")):
+        cause = ("access denied: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the instance profile) "
+                 "and the bucket policy")
+    elif any(s in lowered for s in ("network_connection", "couldn't connect", "could not connect", "connection refused",
+                                    "timed out", "timeout", "resolve host", "curl error")):
+        cause = "the S3 endpoint cannot be reached: check storage.endpoint_url / AWS_ENDPOINT_URL"
+    elif "credentials" in lowered:
+        cause = "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or configure a profile"
+    else:
+        # Keep the first line only: pyarrow appends request ids and sometimes headers.
+        cause = text.splitlines()[0][:300] if text else type(exc).__name__
+    return f"{uri}: cannot {action}: {cause}"
