@@ -58,8 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler="raygpt.evaluate:eval_command")
 
     p = verbs.add_parser("ift", help="instruction fine-tuning and answer generation")
-    _spec_args(p)
+    _spec_args(p, required=False)
     _ray_args(p)
+    p.add_argument("--model", dest="models", action="append", default=None,
+                   help="base model to fine-tune (run name, checkpoint URI, openai:gpt2); repeatable; replaces ift.models")
+    p.add_argument("--data", default=None, help="instruction data: URL, local path or s3:// URI (ift.data)")
+    p.add_argument("--output", default=None, help="where answers, metrics and models go (ift.output)")
+    p.add_argument("--force", action="store_true", help="redo models whose answers are already there")
     p.set_defaults(handler="raygpt.ift:ift_command")
 
     p = verbs.add_parser("judge", help="score fine-tuned answers with an LLM judge")

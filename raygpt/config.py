@@ -196,40 +196,55 @@ class EvalConfig:
 @dataclass
 class IftConfig:
     data: str = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json"
-    """Instruction dataset (a JSON list of instruction/input/output): URL or local path."""
+    """Instruction dataset (a JSON list of instruction/input/output objects): URL, local path or
+    ``s3://`` URI. Split as the book splits it, in file order: 85% train, 10% test, the rest val."""
 
     models: list[str] = field(default_factory=list)
     """Base models to fine-tune: run names, checkpoint URIs or ``openai:gpt2``."""
+
+    prompt_style: str = "alpaca"
+    """Prompt format from ``raygpt.prompts.PROMPT_STYLES`` (alpaca: the book's chapter 7 format)."""
 
     epochs: int = 2
     """Passes over the training split."""
 
     lr: float = 5.0e-5
-    """AdamW learning rate."""
+    """AdamW learning rate (constant, as in the book)."""
 
     weight_decay: float = 0.1
     """AdamW weight decay."""
 
     batch_size: int = 8
-    """Examples per step."""
+    """Examples per step, padded with ``<|endoftext|>`` to the longest in the batch."""
 
     mask_prompt: bool = False
     """Also exclude the prompt tokens from the loss (the book trains on them)."""
 
     eval_interval: int = 50
-    """Validation loss every this many steps (early stopping checks it)."""
+    """Validation loss every this many steps, before the first step and after the last;
+    early stopping checks it."""
 
     patience: int = 3
-    """Early stopping: validations without improvement before training stops."""
+    """Early stopping: validations without improvement before training stops. 0: never stop
+    early. Either way the weights with the lowest validation loss are the ones kept."""
+
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Autocast dtype. auto: bf16 on GPUs that support it, else fp32."""
 
     max_new_tokens: int = 256
-    """Answer length limit at generation."""
+    """Answer length limit at generation (greedy; an answer also ends at ``<|endoftext|>``)."""
+
+    generation_batch_size: int = 16
+    """Test prompts generated together (of similar length, to waste little on padding)."""
+
+    cpus_per_model: int = 1
+    """CPUs reserved for each model's Ray task (its torch threads on a CPU-only cluster)."""
 
     seed: int = 123
-    """Seeds the split shuffle, batch order and dropout."""
+    """Seeds the batch order and dropout. The split never depends on it."""
 
     output: str | None = None
-    """Where fine-tuned answers go. None: ``<storage_path>/ift``."""
+    """Where answers, metrics and fine-tuned models go. None: ``<storage_path>/ift``."""
 
 
 @dataclass
@@ -332,6 +347,13 @@ def check_spec(spec: RunSpec) -> list[str]:
         problems.append("data.tokens and data.chinchilla: give one token budget, not both")
     if not 0 < spec.data.heldout_permille < 1000:
         problems.append(f"data.heldout_permille: must be in 1..999, got {spec.data.heldout_permille}")
+    for key in ("epochs", "batch_size", "eval_interval", "max_new_tokens", "generation_batch_size", "cpus_per_model"):
+        if getattr(spec.ift, key) <= 0:
+            problems.append(f"ift.{key}: must be positive, got {getattr(spec.ift, key)}")
+    if spec.ift.lr <= 0:
+        problems.append(f"ift.lr: must be positive, got {spec.ift.lr}")
+    if spec.ift.patience < 0:
+        problems.append(f"ift.patience: must be 0 (no early stopping) or more, got {spec.ift.patience}")
     if spec.judge.passes < 1:
         problems.append(f"judge.passes: must be at least 1, got {spec.judge.passes}")
     return problems
