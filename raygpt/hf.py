@@ -129,20 +129,23 @@ def load_hf_dir(path: str | os.PathLike, dropout: float = 0.0) -> GPT:
         tied = declared_tied  # untied without a head: reported missing below
     else:
         tied = wte is not None and lm_head.shape == wte.shape and torch.equal(lm_head, wte)
-    if not tied and lm_head is not None and declared_tied:
+    if not tied and lm_head is not None and wte is not None and declared_tied:
         raise RaygptError(f"{where}: lm_head.weight differs from transformer.wte.weight, but {directory / CONFIG_FILE} "
                           "says tie_word_embeddings: true (transformers would ignore it); set it to false "
                           "to keep the separate head, or drop lm_head.weight")
     config = _gpt_config(hf_config, directory / CONFIG_FILE, tied=tied, dropout=dropout)
 
     expected = _expected_shapes(config)
+    # Name missing tensors the way this file spells the others.
+    body_prefix = BODY_PREFIX if not tensors or any(key.startswith(BODY_PREFIX) for key in tensors) else ""
     problems, state = [], {}
     for name, shape in expected.items():
         if name == "lm_head.weight" and config.tie_weights:
             continue
         hf_shape = _hf_shape(name, shape)
         if name not in names:
-            problems.append(f"{name}: missing (expected shape {hf_shape})")
+            spelled = name if name == "lm_head.weight" else body_prefix + name.removeprefix(BODY_PREFIX)
+            problems.append(f"{spelled}: missing (expected shape {hf_shape})")
             continue
         tensor = tensors[names[name]]
         if tuple(tensor.shape) != hf_shape:

@@ -140,6 +140,12 @@ def test_openai_layout_without_prefix_and_with_mask_buffers_loads(tiny_hf, tmp_p
     tokens = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(2))
     assert _logit_gap(ours, theirs, tokens) < TOLERANCE
 
+    # A missing tensor is named the way such a file spells its tensors.
+    without_ln_f = _edited_copy(directory, tmp_path / "broken", edit_tensors=lambda t: {
+        k: v for k, v in openai_layout(t).items() if k != "ln_f.weight"})
+    with pytest.raises(RaygptError, match=r"model\.safetensors: not a GPT-2 checkpoint .*\n  ln_f\.weight: missing"):
+        load_hf_dir(without_ln_f)
+
 
 def test_untied_transformers_model_imports_untied(tmp_path):
     theirs = _hf_model(seed=3, tie_word_embeddings=False, **TINY)
