@@ -93,16 +93,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray dashboard address (default: $RAY_ADDRESS or http://127.0.0.1:8265)")
     p.add_argument("--verb", default=None, help="stage to run (default: from the spec's file name, else train)")
     p.add_argument("--no-follow", action="store_true", help="return after submitting")
+    p.add_argument("--working-dir", default=None, metavar="DIR",
+                   help="upload this folder with the job (it must hold the spec); default: the spec alone")
     p.set_defaults(handler="raygpt.jobs:submit_command")
 
     p = verbs.add_parser("jobs", help="status, logs or stop of a submitted job")
     p.add_argument("action", choices=["status", "logs", "stop", "list"])
-    p.add_argument("job_id", nargs="?", help="submission id (raygpt-<run name>)")
-    p.add_argument("--address", default=None, help="Ray dashboard address")
+    p.add_argument("job_id", nargs="?",
+                   help="submission id (raygpt-<verb>-<run name>[-N]), or a spec file for its latest submission")
+    p.add_argument("--address", default=None, help="Ray dashboard address (default: $RAY_ADDRESS or http://127.0.0.1:8265)")
+    p.add_argument("--follow", action="store_true", help="logs: stream until the job ends (Ctrl-C detaches)")
     p.set_defaults(handler="raygpt.jobs:jobs_command")
 
     p = verbs.add_parser("doctor", help="check versions, GPUs/NCCL, tokenizer and storage")
     p.add_argument("--storage", default=None, help="URI whose reachability to check (e.g. s3://bucket/prefix)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to check: dashboard URL or GCS address (default: $RAY_ADDRESS; none: skipped)")
+    p.add_argument("--require-gpu", action="store_true", help="no GPU (or no NCCL) is a failure, not a warning")
     p.set_defaults(handler="raygpt.doctor:doctor_command")
     return parser
 
