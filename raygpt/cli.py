@@ -69,10 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("judge", help="score fine-tuned answers with an LLM judge")
     _spec_args(p)
+    p.add_argument("--answers", action="append", default=None, metavar="URI",
+                   help="answers file from `raygpt ift`; repeatable; replaces judge.answers")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the inputs and count the calls (and cached ones) without calling the judge")
     p.set_defaults(handler="raygpt.judge:judge_command")
 
     p = verbs.add_parser("report", help="compare runs: terminal table, Markdown/JSON/CSV, plots")
     _spec_args(p, required=False)
+    p.add_argument("--output", default=None, help="local directory for the report files (report.output)")
     p.set_defaults(handler="raygpt.report:report_command")
 
     p = verbs.add_parser("export", help="a checkpoint as a Hugging Face GPT-2 directory")

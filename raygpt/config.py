@@ -280,6 +280,30 @@ class JudgeConfig:
     max_retries: int = 5
     """Retries for unparseable replies, rate limits and server errors."""
 
+    timeout_s: float = 120.0
+    """Seconds one judge call may take before it counts as a timeout (and is retried)."""
+
+    backoff_s: float = 1.0
+    """First retry delay after a rate limit, server error or timeout; it doubles (with jitter)
+    on each retry, and is never shorter than the server's Retry-After."""
+
+    backoff_max_s: float = 60.0
+    """Longest retry delay."""
+
+    structured_output: bool = True
+    """Send the JSON schema as ``response_format`` (comparative mode). An endpoint that rejects it
+    with 400 is asked in words only. Replies are validated against the schema either way."""
+
+    bootstrap_samples: int = 2000
+    """Bootstrap resamples of the items for the 95% confidence intervals."""
+
+    price_input_per_mtok: float | None = None
+    """USD per million input tokens for the cost estimate. None: the built-in price list
+    (OpenAI models); a model missing from it costs "n/a". 0 for a local server."""
+
+    price_output_per_mtok: float | None = None
+    """USD per million output tokens (see ``price_input_per_mtok``)."""
+
     anchors: bool = True
     """Judge the reference answer and an empty answer as hidden candidates (sanity anchors)."""
 
@@ -300,6 +324,12 @@ class ReportConfig:
 
     output: str = "report"
     """Local directory for the Markdown, JSON, CSV and PNG files."""
+
+    bootstrap_samples: int = 2000
+    """Bootstrap resamples of the judged items for the interval of Spearman(test loss, IFT score)."""
+
+    seed: int = 123
+    """Seeds the bootstrap."""
 
 
 @dataclass
@@ -356,6 +386,14 @@ def check_spec(spec: RunSpec) -> list[str]:
         problems.append(f"ift.patience: must be 0 (no early stopping) or more, got {spec.ift.patience}")
     if spec.judge.passes < 1:
         problems.append(f"judge.passes: must be at least 1, got {spec.judge.passes}")
+    for key in ("max_tokens", "concurrency", "timeout_s", "bootstrap_samples"):
+        if getattr(spec.judge, key) <= 0:
+            problems.append(f"judge.{key}: must be positive, got {getattr(spec.judge, key)}")
+    for key in ("max_retries", "temperature", "backoff_s", "backoff_max_s"):
+        if getattr(spec.judge, key) < 0:
+            problems.append(f"judge.{key}: must not be negative, got {getattr(spec.judge, key)}")
+    if spec.report.bootstrap_samples <= 0:
+        problems.append(f"report.bootstrap_samples: must be positive, got {spec.report.bootstrap_samples}")
     return problems
 
 

@@ -1,0 +1,439 @@
+"""The judge: the real ``openai`` client against a scripted OpenAI-compatible server on loopback.
+
+The fake server scores answers deterministically (``<q=NN>`` markers, the reference, the empty
+answer), so scores and rankings are known exactly; scripted 429/500/slow/malformed replies
+exercise retries and failures; request logs prove cache hits, resumes and "no call made".
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from fake_openai import EMPTY_SCORE, REFERENCE_SCORE, FakeOpenAI, Reply
+from raygpt.cli import main
+from raygpt.config import load_spec
+from raygpt.errors import RaygptError
+from raygpt.judge import EMPTY_ANCHOR, REFERENCE_ANCHOR, presentation_orders, run_judge
+from raygpt.judge_prompts import ComparativePrompt, ReplyError, SinglePrompt
+from raygpt.prompts import AlpacaPrompt
+from raygpt.stats import bootstrap_mean_ci, kendall_tau_b, rankdata, spearman
+from raygpt.storage import Storage
+
+KEY = "sk-test-not-a-real-key-0123456789"
+N_ITEMS = 6
+QUALITY = {"strong": 80, "medium": 55, "weak": 30}
+
+
+def write_answers(root: Path, quality: dict[str, int] = QUALITY, n_items: int = N_ITEMS) -> list[Path]:
+    answers = root / "ift" / "answers"
+    answers.mkdir(parents=True, exist_ok=True)
+    items = [{"id": f"test-{i:04d}", "instruction": f"Rewrite sentence {i} in the passive voice.",
+              "input": f"The cat chased mouse {i}." if i % 2 else "", "output": f"Mouse {i} was chased by the cat."}
+             for i in range(n_items)]
+    paths = []
+    for model, q in quality.items():
+        path = answers / f"{model}.json"
+        path.write_text(json.dumps({"model": model, "base_model": model, "dataset": {"split": "test", "n": n_items},
+                                    "items": [{**item, "response": f"{model} says <q={q}>"} for item in items]}))
+        paths.append(path)
+    return paths
+
+
+def make_spec(tmp_path: Path, server: FakeOpenAI | None, *settings: str):
+    base_url = server.base_url if server else "http://127.0.0.1:9/v1"
+    return load_spec(None, [f"storage_path={tmp_path}", f"judge.base_url={base_url}", "judge.model=judge-1",
+                            f"judge.cache_dir={tmp_path / 'cache'}", "judge.backoff_s=0.001", "judge.backoff_max_s=1",
+                            "judge.timeout_s=5", "judge.passes=2", "judge.concurrency=4", "judge.max_retries=3",
+                            "judge.bootstrap_samples=300", *settings])
+
+
+def quiet() -> Console:
+    return Console(file=io.StringIO(), width=150)
+
+
+def by_model(summary: dict) -> dict[str, dict]:
+    return {m["model"]: m for m in summary["models"]}
+
+
+@pytest.fixture
+def server():
+    with FakeOpenAI(models=["judge-1", "other-model"]) as fake:
+        yield fake
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+
+
+# ---------------------------------------------------------------------------------------------
+# Templates and statistics (no server)
+
+
+def test_single_prompt_is_the_books_and_parses_integer_replies():
+    item = {"instruction": "Name a color.", "input": "", "output": "Blue."}
+    (message,) = SinglePrompt().messages(item, ["Red."])
+    assert message["content"] == (
+        "Given the input `Below is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.\n\n### Instruction:\nName a color.` and correct output `Blue.`, score the model "
+        "response `Red.` on a scale from 0 to 100, where 100 is the best score. Respond with the integer number only.")
+    parse = SinglePrompt().parse
+    for reply, score in (("85", 85), (" 85.\n", 85), ("Score: 85/100", 85), ("The score is 7.", 7), ("0", 0),
+                         ("100", 100)):
+        assert parse(reply, ["A"])["A"].score == score, reply
+    for reply in ("101", "eighty", "85 or 90", "-3", "8.5", ""):
+        with pytest.raises(ReplyError):
+            parse(reply, ["A"])
+
+
+def test_comparative_reply_must_name_every_label_once_with_an_integer_0_to_100():
+    parse = ComparativePrompt().parse
+    good = '```json\n{"scores": [{"label": "B", "reason": "ok", "score": 70}, {"label": "A", "reason": "", "score": 90.0}]}\n```'
+    scores = parse(good, ["A", "B"])
+    assert (scores["A"].score, scores["B"].score, scores["B"].reason) == (90, 70, "ok")
+    bad = {
+        '{"scores": [{"label": "A", "score": 90}]}': "no score for label(s) B",
+        '{"scores": [{"label": "A", "score": 90}, {"label": "A", "score": 80}]}': "appears twice",
+        '{"scores": [{"label": "A", "score": 90}, {"label": "C", "score": 80}]}': "unknown label 'C'",
+        '{"scores": [{"label": "A", "score": 90}, {"label": "B", "score": 101}]}': "outside 0-100",
+        '{"scores": [{"label": "A", "score": 87.5}, {"label": "B", "score": 1}]}': "not an integer",
+        '{"scores": [{"label": "A", "score": "90"}, {"label": "B", "score": 1}]}': "not an integer",
+        '{"scores": {"A": 90}}': "expected",
+        '{"scores": [{"label": "A", "score": 90},': "malformed JSON",
+        "A is better.": "no JSON object",
+    }
+    for reply, problem in bad.items():
+        with pytest.raises(ReplyError, match=problem.replace("(", r"\(").replace(")", r"\)")):
+            parse(reply, ["A", "B"])
+    schema = ComparativePrompt().response_format(["A", "B"])["json_schema"]["schema"]
+    assert schema["properties"]["scores"]["items"]["properties"]["label"]["enum"] == ["A", "B"]
+
+
+def test_orders_are_seeded_and_rotate_so_every_answer_meets_every_position():
+    candidates = ["m1", "m2", "m3", "m4"]
+    orders = presentation_orders(candidates, items=5, passes=4, seed=7)
+    assert orders == presentation_orders(candidates, items=5, passes=4, seed=7)
+    assert orders != presentation_orders(candidates, items=5, passes=4, seed=8)
+    for item in range(5):
+        for candidate in candidates:
+            assert sorted(orders[p][item].index(candidate) for p in range(4)) == [0, 1, 2, 3]
+    first_positions = {orders[0][item][0] for item in range(5)}
+    assert len(first_positions) > 1, "the base order is shuffled per item"
+
+
+def test_rank_statistics_match_known_values():
+    assert list(rankdata(np.array([10, 20, 20, 5]))) == [2, 3.5, 3.5, 1]
+    assert spearman(np.array([1, 2, 3, 4]), np.array([10, 20, 30, 40])) == pytest.approx(1)
+    assert spearman(np.array([1, 2, 3, 4]), np.array([4, 3, 2, 1])) == pytest.approx(-1)
+    # Hand-computed: ranks (1,2,3,4) vs (2,1,4,3): rho = 1 - 6*4/(4*15) = 0.6; tau = (4-2)/6.
+    assert spearman(np.array([1, 2, 3, 4]), np.array([2, 1, 4, 3])) == pytest.approx(0.6)
+    assert kendall_tau_b(np.array([1, 2, 3, 4]), np.array([2, 1, 4, 3])) == pytest.approx(1 / 3)
+    # tau-b with a tie: x (1,2,3), y (1,1,2): concordant 2, discordant 0, ties in y 1 -> 2/sqrt(3*2).
+    assert kendall_tau_b(np.array([1, 2, 3]), np.array([1, 1, 2])) == pytest.approx(2 / np.sqrt(6))
+    assert np.isnan(spearman(np.array([1, 2, 3]), np.array([5, 5, 5])))
+
+
+def test_bootstrap_interval_contains_the_mean_and_is_fixed_by_the_seed():
+    rng = np.random.default_rng(0)
+    per_item = np.column_stack([rng.normal(60, 15, 110), rng.normal(40, 15, 110)])
+    per_item[3, 1] = np.nan  # a failed judgement: left out, not a zero
+    intervals = bootstrap_mean_ci(per_item, samples=1000, seed=123)
+    assert intervals == bootstrap_mean_ci(per_item, samples=1000, seed=123)
+    assert intervals != bootstrap_mean_ci(per_item, samples=1000, seed=124)
+    for (low, high), mean in zip(intervals, np.nanmean(per_item, axis=0)):
+        assert low < mean < high
+        # About two standard errors either side of the mean.
+        assert high - low == pytest.approx(2 * 1.96 * 15 / np.sqrt(110), rel=0.3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Against the fake endpoint
+
+
+@pytest.mark.integration
+def test_comparative_scores_ranking_anchors_and_outputs(tmp_path, server):
+    write_answers(tmp_path)
+    spec = make_spec(tmp_path, server)
+    summary = run_judge(spec, Storage(), quiet())
+
+    models = by_model(summary)
+    assert {m: models[m]["mean"] for m in QUALITY} == QUALITY
+    assert summary["ranking"] == ["strong", "medium", "weak"]
+    assert summary["anchors"][REFERENCE_ANCHOR]["mean"] == REFERENCE_SCORE
+    assert summary["anchors"][EMPTY_ANCHOR]["mean"] == EMPTY_SCORE
+    for m in models.values():
+        assert m["ci95"][0] <= m["mean"] <= m["ci95"][1]
+        assert (m["failures"], m["judgements"], m["items_scored"], m["spread"]) == (0, 2 * N_ITEMS, N_ITEMS, 0)
+    assert summary["rank_agreement"] == {"spearman": 1.0, "kendall": 1.0, "item_kendall": 1.0, "pass_pairs": 1}
+    assert [r["effect"] for r in summary["position_bias"]["by_position"]] == [0.0] * 5
+
+    # One call per item and pass, all five candidates in it, the schema sent, seed + pass.
+    requests = server.chat_requests
+    assert len(requests) == 2 * N_ITEMS == summary["calls"]["made"]
+    assert all(r.body["response_format"]["type"] == "json_schema" for r in requests)
+    assert sorted({r.body["seed"] for r in requests}) == [spec.judge.seed, spec.judge.seed + 1]
+    assert all(r.body["temperature"] == 0 and r.body["max_tokens"] == 1024 for r in requests)
+    assert all(r.headers["authorization"] == f"Bearer {KEY}" for r in requests)
+
+    records = [json.loads(line) for line in (tmp_path / "judge" / "judgements.jsonl").read_text().splitlines()]
+    assert len(records) == 2 * N_ITEMS
+    first = next(r for r in records if r["pass"] == 0 and r["item"] == 0)
+    second = next(r for r in records if r["pass"] == 1 and r["item"] == 0)
+    assert second["order"] == first["order"][1:] + first["order"][:1]
+    assert first["labels"] == dict(zip("ABCDE", first["order"]))
+    assert first["scores"]["strong"] == 80 and first["cached"] is False and first["usage"]["prompt_tokens"] > 0
+    written = json.loads((tmp_path / "judge" / "summary.json").read_text())
+    assert written["models"] == summary["models"] and written["judge"]["template"] == "comparative/comparative-v1"
+    assert KEY not in (tmp_path / "judge" / "summary.json").read_text()
+    assert KEY not in "".join(p.read_text() for p in (tmp_path / "cache").rglob("*.json"))
+
+
+@pytest.mark.integration
+def test_second_run_is_all_cache_hits_and_makes_no_request(tmp_path, server):
+    write_answers(tmp_path)
+    spec = make_spec(tmp_path, server)
+    first = run_judge(spec, Storage(), quiet())
+    server.reset_counts()
+    second = run_judge(spec, Storage(), quiet())
+    assert server.requests == []  # not even the preflight: nothing was left to judge
+    assert second["calls"] == {"total": 12, "made": 0, "cache_hits": 12, "failed": 0, "http_attempts": 0,
+                               "failures": {}}
+    assert second["models"] == first["models"]
+    assert second["usage"]["prompt_tokens"] == 0
+    assert second["usage"]["cached_prompt_tokens"] == first["usage"]["prompt_tokens"] > 0
+    # A changed setting is a new question: judge.max_tokens is part of the key.
+    server.reset_counts()
+    run_judge(make_spec(tmp_path, server, "judge.max_tokens=512"), Storage(), quiet())
+    assert len(server.chat_requests) == 12
+
+
+@pytest.mark.integration
+def test_rate_limits_and_server_errors_back_off_honouring_retry_after(tmp_path, server):
+    write_answers(tmp_path)
+    server.script(Reply.error(429, retry_after_ms=200), Reply.error(500), Reply.error(503))
+    summary = run_judge(make_spec(tmp_path, server, "judge.concurrency=1"), Storage(), quiet())
+    requests = server.chat_requests
+    assert len(requests) == 12 + 3
+    assert summary["calls"]["failed"] == 0 and summary["calls"]["http_attempts"] == 15
+    assert requests[1].time - requests[0].time >= 0.2, "Retry-After was not honoured"
+    assert {m: by_model(summary)[m]["mean"] for m in QUALITY} == QUALITY
+
+
+@pytest.mark.integration
+def test_a_slow_reply_times_out_and_is_retried(tmp_path, server):
+    write_answers(tmp_path, n_items=2)
+    server.script(Reply.slow(2.0))
+    summary = run_judge(make_spec(tmp_path, server, "judge.timeout_s=0.3", "judge.concurrency=1"), Storage(), quiet())
+    assert summary["calls"] == {"total": 4, "made": 4, "cache_hits": 0, "failed": 0, "http_attempts": 5, "failures": {}}
+
+
+@pytest.mark.integration
+def test_malformed_replies_are_retried_then_counted_as_failures_never_as_zeros(tmp_path, server):
+    write_answers(tmp_path)
+    spec = make_spec(tmp_path, server, "judge.passes=1", "judge.concurrency=1", "judge.max_retries=2")
+    # First call: three malformed replies (1 + 2 retries) -> a failure. Second: one, then fine.
+    server.script(Reply.malformed(), Reply.malformed(), Reply.malformed(), Reply.malformed())
+    summary = run_judge(spec, Storage(), quiet())
+    assert len(server.chat_requests) == N_ITEMS + 3  # 2 retries of the failure, 1 of the second call
+    assert summary["calls"]["failed"] == 1
+    assert summary["calls"]["failures"] == {"unparseable reply": 1}
+    for m in QUALITY:
+        stats = by_model(summary)[m]
+        assert (stats["failures"], stats["items_scored"], stats["items_excluded"]) == (1, N_ITEMS - 1, 1)
+        assert stats["mean"] == QUALITY[m], "a failure must not be averaged in as a zero"
+        assert stats["item_scores"].count(None) == 1
+    failed = [json.loads(line) for line in (tmp_path / "judge" / "judgements.jsonl").read_text().splitlines()
+              if json.loads(line)["failure"]]
+    assert len(failed) == 1 and "malformed JSON" in failed[0]["failure"] and failed[0]["scores"] is None
+
+    # Failures are not cached: the next run asks again for exactly that one.
+    server.reset_counts()
+    again = run_judge(spec, Storage(), quiet())
+    assert len(server.chat_requests) == 1
+    assert again["calls"]["failed"] == 0 and again["calls"]["cache_hits"] == N_ITEMS - 1
+
+
+@pytest.mark.integration
+def test_interrupted_run_resumes_making_only_the_missing_calls(tmp_path, server):
+    write_answers(tmp_path)
+    spec = make_spec(tmp_path, server, "judge.passes=3")
+    served = itertools.count()
+    lock = threading.Lock()
+
+    def revoke_key_after_five(body, index):
+        with lock:
+            n = next(served)
+        return server.judge(body, index) if n < 5 else Reply.error(401)
+
+    server.policy = revoke_key_after_five
+    with pytest.raises(RaygptError, match="rejected the key in \\$OPENAI_API_KEY.*run again to resume") as err:
+        run_judge(spec, Storage(), quiet())
+    assert KEY not in str(err.value)
+    assert not (tmp_path / "judge" / "summary.json").exists(), "no summary of a half-done run"
+    assert len(list((tmp_path / "cache").rglob("*.json"))) == 5
+
+    server.policy = server.judge
+    server.reset_counts()
+    summary = run_judge(spec, Storage(), quiet())
+    assert len(server.chat_requests) == 3 * N_ITEMS - 5
+    assert summary["calls"]["cache_hits"] == 5 and summary["calls"]["failed"] == 0
+    assert {m: by_model(summary)[m]["mean"] for m in QUALITY} == QUALITY
+
+
+@pytest.mark.integration
+def test_position_bias_is_measured(tmp_path):
+    quality = {"m40": 40, "m50": 50, "m60": 60}
+    write_answers(tmp_path, quality)
+    with FakeOpenAI(models=["judge-1"], position_bonus=12) as biased:
+        summary = run_judge(make_spec(tmp_path, biased, "judge.passes=3", "judge.anchors=false"), Storage(), quiet())
+    effects = [row["effect"] for row in summary["position_bias"]["by_position"]]
+    # +12 for the first position, relative to the average position: +8, -4, -4.
+    assert effects == pytest.approx([8, -4, -4], abs=1e-3)
+    assert summary["position_bias"]["range"] == pytest.approx(12, abs=1e-3)
+    # Rotation shows each answer first once in three passes: every model gets the same +4.
+    assert {m: by_model(summary)[m]["mean"] for m in quality} == pytest.approx({m: q + 4 for m, q in quality.items()})
+    assert summary["ranking"] == ["m60", "m50", "m40"]
+
+
+@pytest.mark.integration
+def test_single_mode_sends_the_books_prompt_per_answer(tmp_path, server):
+    write_answers(tmp_path, n_items=3)
+    summary = run_judge(make_spec(tmp_path, server, "judge.mode=single"), Storage(), quiet())
+    requests = server.chat_requests
+    assert len(requests) == 2 * 3 * (3 + 2)  # passes x items x (models + anchors)
+    assert all("response_format" not in r.body for r in requests)
+    assert all(len(r.body["messages"]) == 1 and "Respond with the integer number only." in r.body["messages"][0]["content"]
+               for r in requests)
+    expected_input = AlpacaPrompt().format_input({"instruction": "Rewrite sentence 1 in the passive voice.",
+                                                  "input": "The cat chased mouse 1."})
+    assert any(f"Given the input `{expected_input}`" in r.body["messages"][0]["content"] for r in requests)
+    assert {m: by_model(summary)[m]["mean"] for m in QUALITY} == QUALITY
+    assert summary["anchors"][REFERENCE_ANCHOR]["mean"] == REFERENCE_SCORE
+    assert summary["position_bias"] is None
+
+
+@pytest.mark.integration
+def test_endpoint_without_structured_output_is_asked_in_words(tmp_path):
+    write_answers(tmp_path, n_items=3)
+    with FakeOpenAI(models=["judge-1"], reject_json_schema=True) as plain:
+        summary = run_judge(make_spec(tmp_path, plain, "judge.concurrency=1"), Storage(), quiet())
+        requests = plain.chat_requests
+    assert "response_format" in requests[0].body
+    assert all("response_format" not in r.body for r in requests[1:])
+    assert len(requests) == 6 + 1 and summary["calls"]["failed"] == 0
+
+
+@pytest.mark.integration
+def test_calls_run_concurrently_up_to_the_limit(tmp_path, server):
+    write_answers(tmp_path, n_items=12)
+
+    def slowly(body, index):
+        time.sleep(0.05)
+        return server.judge(body, index)
+
+    server.policy = slowly
+    run_judge(make_spec(tmp_path, server, "judge.concurrency=3", "judge.passes=1"), Storage(), quiet())
+    assert 2 <= server.peak_in_flight <= 3
+
+
+@pytest.mark.integration
+def test_usage_and_cost_are_reported(tmp_path, server):
+    write_answers(tmp_path, n_items=2)
+    spec = make_spec(tmp_path, server, "judge.price_input_per_mtok=2.0", "judge.price_output_per_mtok=8.0")
+    summary = run_judge(spec, Storage(), quiet())
+    usage = summary["usage"]
+    assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0
+    assert usage["cost_usd"] == pytest.approx((usage["prompt_tokens"] * 2 + usage["completion_tokens"] * 8) / 1e6, abs=1e-4)
+    assert summary["usage"]["price_per_mtok"] == [2.0, 8.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Problems stop the run before any call
+
+
+@pytest.mark.integration
+def test_missing_key_is_one_error_before_any_request(tmp_path, server, monkeypatch):
+    write_answers(tmp_path)
+    monkeypatch.delenv("OPENAI_API_KEY")
+    with pytest.raises(RaygptError, match=r"\$OPENAI_API_KEY is not set"):
+        run_judge(make_spec(tmp_path, server), Storage(), quiet())
+    assert server.requests == []
+
+
+@pytest.mark.integration
+def test_model_not_served_is_one_error_naming_it_before_any_call(tmp_path, server):
+    write_answers(tmp_path)
+    with pytest.raises(RaygptError, match=r"judge model 'gpt-nope' is not served by .*judge-1, other-model"):
+        run_judge(make_spec(tmp_path, server, "judge.model=gpt-nope"), Storage(), quiet())
+    assert server.chat_requests == []
+
+
+def test_unreachable_endpoint_is_one_clear_error(tmp_path):
+    write_answers(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when the block ends: nobody listens there
+    spec = make_spec(tmp_path, None, f"judge.base_url=http://127.0.0.1:{port}/v1")
+    with pytest.raises(RaygptError, match=rf"judge endpoint http://127.0.0.1:{port}/v1 cannot be reached"):
+        run_judge(spec, Storage(), quiet())
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("break_it, problem", [
+    (lambda items: items[3].update(output="Something else."), r"weak.json item 3: output 'Something else.' differs"),
+    (lambda items: items.pop(), r"weak.json has 5 items, .*medium.json has 6: item 5 \(id test-0005\) is missing"),
+    (lambda items: items.insert(0, items.pop(2)), r"weak.json item 0: id 'test-0002' differs from 'test-0000'"),
+    (lambda items: items[1].update(input="Another input."), r"weak.json item 1: input"),
+])
+def test_misaligned_answers_stop_before_any_call(tmp_path, server, break_it, problem):
+    paths = write_answers(tmp_path)
+    weak = json.loads(paths[2].read_text())
+    break_it(weak["items"])
+    paths[2].write_text(json.dumps(weak))
+    with pytest.raises(RaygptError, match=problem):
+        run_judge(make_spec(tmp_path, server), Storage(), quiet())
+    assert server.requests == []
+
+
+def test_no_answers_is_one_clear_error(tmp_path):
+    with pytest.raises(RaygptError, match=r"no answers files under .*raygpt ift"):
+        run_judge(make_spec(tmp_path, None), Storage(), quiet())
+
+
+@pytest.mark.integration
+def test_cli_dry_run_then_judge(tmp_path, server, capsys):
+    paths = write_answers(tmp_path, n_items=2)
+    args = ["judge", str(_spec_file(tmp_path, server)), "--answers", str(paths[0]), "--answers", str(paths[1])]
+    assert main([*args, "--dry-run"]) == 0
+    assert "4 calls, 0 cached, 4 to make" in capsys.readouterr().out
+    assert server.requests == []
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "strong" in out and "medium" in out and "weak" not in out
+    assert len(server.chat_requests) == 4
+
+
+@pytest.mark.integration
+def test_cli_error_is_one_line_with_status_2(tmp_path, server, capsys, monkeypatch):
+    write_answers(tmp_path)
+    monkeypatch.delenv("OPENAI_API_KEY")
+    assert main(["judge", str(_spec_file(tmp_path, server))]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "OPENAI_API_KEY is not set" in err
+
+
+def _spec_file(tmp_path: Path, server: FakeOpenAI) -> Path:
+    path = tmp_path / "judge.yaml"
+    path.write_text(f"storage_path: {tmp_path}\njudge:\n  base_url: {server.base_url}\n  model: judge-1\n"
+                    f"  cache_dir: {tmp_path / 'cache'}\n  passes: 2\n  backoff_s: 0.001\n  bootstrap_samples: 200\n")
+    return path
