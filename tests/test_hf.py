@@ -250,6 +250,40 @@ def test_export_command_publishes_openai_and_raygpt_checkpoints(tiny_hf, tmp_pat
     assert not (tmp_path / "never").exists()
 
 
+def test_test_loss_of_an_openai_ref_is_transformers_loss(tiny_hf, tmp_path, monkeypatch):
+    """``raygpt eval``'s per-model scorer on ``openai:gpt2`` gives GPT-2's own loss on the same windows."""
+    from raygpt.config import load_spec
+    from raygpt.data import eval_batches, prepare
+    from raygpt.evaluate import model_test_loss
+    from raygpt.storage import Storage
+
+    theirs, directory = tiny_hf
+    monkeypatch.setenv("RAYGPT_HF_DIR", str(directory.parent))
+    monkeypatch.setenv("RAYGPT_CACHE_DIR", str(tmp_path / "cache"))
+    words = "the of and to in is was for on that with as by at from which have an be this are".split()
+    generator = torch.Generator().manual_seed(9)
+    (tmp_path / "docs").mkdir()
+    for i in range(40):
+        picks = torch.randint(0, len(words), (120,), generator=generator).tolist()
+        (tmp_path / "docs" / f"{i:02d}.txt").write_text(" ".join(words[j] for j in picks))
+    spec = load_spec(None, [f"data.source={tmp_path / 'docs'}", f"data.output={tmp_path / 'data'}",
+                            "data.heldout_permille=500", "data.val_tokens=200", "data.test_tokens=600",
+                            "data.shard_tokens=4000", "data.num_proc=1", f"eval.dataset={tmp_path / 'data'}",
+                            "eval.batch_size=4", f"storage_path={tmp_path / 'runs'}"])
+    storage = Storage.from_config(spec.storage)
+    prepare(spec, storage)
+
+    result = model_test_loss("openai:gpt2", spec, storage, seq_len=32)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x, y in eval_batches(spec.eval.dataset, storage, "test", 32, 4):
+            logits = theirs(x).logits
+            total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+            count += y.numel()
+    assert result["model"] == "openai-gpt2" and result["tokens"] == count > 0
+    assert abs(result["test_loss"] - total / count) < 1e-5
+
+
 @pytest.mark.integration
 def test_export_to_s3_uploads_a_loadable_folder(s3_env, tmp_path):
     from raygpt.storage import Storage
