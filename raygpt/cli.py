@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--tokens", type=int, help="training-token budget (data.tokens)")
     budget.add_argument("--chinchilla", metavar="PRESET", help="20 tokens per parameter of PRESET (data.chinchilla)")
+    p.add_argument("--num-proc", type=int, help="tokenizer processes, 0: one per CPU (data.num_proc)")
     p.set_defaults(handler="raygpt.data:prepare_command")
 
     p = verbs.add_parser("train", help="pretrain with Ray Train (resumes a run of the same name)")

@@ -87,6 +87,10 @@ class DataConfig:
     num_proc: int = 0
     """Tokenizer processes. 0: one per CPU."""
 
+    txt_documents: Literal["file", "paragraphs"] = "file"
+    """How a .txt source splits into documents: ``file`` (one document per file, e.g. a book)
+    or ``paragraphs`` (blocks separated by blank lines, e.g. one short story held out in parts)."""
+
 
 @dataclass
 class TrainConfig:
@@ -377,6 +381,12 @@ def check_spec(spec: RunSpec) -> list[str]:
         problems.append("data.tokens and data.chinchilla: give one token budget, not both")
     if not 0 < spec.data.heldout_permille < 1000:
         problems.append(f"data.heldout_permille: must be in 1..999, got {spec.data.heldout_permille}")
+    for key in ("tokens", "shard_tokens"):
+        if getattr(spec.data, key) is not None and getattr(spec.data, key) <= 0:
+            problems.append(f"data.{key}: must be positive, got {getattr(spec.data, key)}")
+    for key in ("val_tokens", "test_tokens", "num_proc"):
+        if getattr(spec.data, key) < 0:
+            problems.append(f"data.{key}: must be non-negative, got {getattr(spec.data, key)}")
     for key in ("epochs", "batch_size", "eval_interval", "max_new_tokens", "generation_batch_size", "cpus_per_model"):
         if getattr(spec.ift, key) <= 0:
             problems.append(f"ift.{key}: must be positive, got {getattr(spec.ift, key)}")
