@@ -21,21 +21,22 @@ import contextlib
 import hashlib
 import json
 import math
-import re
 import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
+from raygpt.checkpoint import load_model, model_id, save_model_dir
 from raygpt.config import IftConfig, RunSpec, load_spec, spec_to_dict
 from raygpt.errors import RaygptError
 from raygpt.prompts import PromptStyle, get_prompt_style
-from raygpt.storage import Storage, join
+from raygpt.storage import Storage, is_remote, join
 from raygpt.tokenizer import ENDOFTEXT, EOT_ID, get_tokenizer
 
 IGNORE_INDEX = -100
@@ -335,22 +336,6 @@ def generation_settings(cfg: IftConfig) -> dict[str, Any]:
 # One model, end to end (a Ray task)
 
 
-def model_id(ref: str) -> str:
-    """A short, filesystem-safe name for a base model reference.
-
-    ``openai:gpt2`` -> ``openai-gpt2``; a run name stays itself; a checkpoint path or URI gives
-    its folder name, prefixed with its run's when it is a ``checkpoint_*`` folder.
-    """
-    if ref.startswith("openai:"):
-        name = "openai-" + ref[len("openai:"):]
-    else:
-        parts = [part for part in ref.rstrip("/").split("/") if part and part != "s3:"]
-        name = parts[-1] if parts else ref
-        if name.startswith("checkpoint") and len(parts) > 1:
-            name = f"{parts[-2]}-{name}"
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "model"
-
-
 @dataclass
 class IftLayout:
     """Where one model's results go under the ift output folder."""
@@ -374,8 +359,6 @@ class IftLayout:
 def finetune_one(ref: str, spec: RunSpec, storage: Storage, splits: InstructionSplits,
                  dataset: dict[str, Any], output: str, force: bool = False) -> dict[str, Any]:
     """Load ``ref``, fine-tune it, answer the test split and write its results; return a summary."""
-    from raygpt.checkpoint import load_model, save_model_dir
-
     cfg = spec.ift
     name = model_id(ref)
     layout = IftLayout(output, name)
@@ -469,17 +452,23 @@ def ift_command(args) -> int:
         raise RaygptError(f"ift.models: several models would be saved as {', '.join(clashes)}; list each once")
 
     storage = Storage.from_config(spec.storage)
-    output = cfg.output or join(spec.storage_path, "ift")
+    output = _absolute(cfg.output or join(spec.storage_path, "ift"))
+    source = cfg.data if cfg.data.startswith(("http://", "https://")) else _absolute(cfg.data)
     storage.check_access(output, write=True)
-    entries, sha256 = load_instruction_data(cfg.data, storage)
+    entries, sha256 = load_instruction_data(source, storage)
     splits = split_instruction_data(entries)
-    dataset = {"source": cfg.data, "sha256": sha256, "examples": len(entries),
+    dataset = {"source": source, "sha256": sha256, "examples": len(entries),
                "train": len(splits.train), "val": len(splits.val), "test": len(splits.test)}
     print(f"raygpt ift: {len(entries)} examples ({sha256[:12]}), split {len(splits.train)} train / "
           f"{len(splits.val)} val / {len(splits.test)} test; {len(cfg.models)} model(s) -> {output}", flush=True)
 
     connect(getattr(args, "address", None), getattr(args, "num_cpus", None))
     gpus = 1 if cluster_has_gpus() else 0
+    nodes = sum(1 for node in ray.nodes() if node["Alive"])
+    if nodes > 1 and not is_remote(output):
+        print(f"raygpt ift: warning: {output} is a local path and the cluster has {nodes} nodes: models "
+              "fine-tuned on other nodes write to those nodes' disks unless it is a shared filesystem; "
+              "use an s3:// output", file=sys.stderr)
     task = ray.remote(finetune_one)
     splits_ref = ray.put(splits)
     pending = {
@@ -499,9 +488,11 @@ def ift_command(args) -> int:
                 if not isinstance(cause, RaygptError):
                     print(str(e), file=sys.stderr)  # a bug, not bad input: the remote traceback helps
                 failures.append(f"{name} ({ref}): {cause if isinstance(cause, RaygptError) else type(cause).__name__}")
+            except ray.exceptions.RayError as e:  # its worker or node died: out of memory, a lost spot node
+                failures.append(f"{name} ({ref}): {type(e).__name__}: {str(e).splitlines()[0]}")
     except KeyboardInterrupt:
-        for ref in pending:
-            ray.cancel(ref, force=True)
+        for task_ref in pending:
+            ray.cancel(task_ref, force=True)
         raise
     summaries.sort(key=lambda s: names.index(s["model"]))
     if summaries:
@@ -511,13 +502,21 @@ def ift_command(args) -> int:
     return 0
 
 
+def _absolute(uri: str) -> str:
+    """Local paths made absolute, so the paths written into results do not depend on a working directory."""
+    return uri if is_remote(uri) else str(Path(uri).expanduser().absolute())
+
+
 def print_summary(summaries: list[dict[str, Any]], output: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=120)  # logs and CI: keep each model on one line
     table = Table(title=f"Instruction fine-tuning -> {output}")
     for column in ("model", "params", "steps", "best step", "val loss", "answers", "mean tokens", "at limit", "time"):
-        table.add_column(column, justify="left" if column == "model" else "right")
+        table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True)
     for s in summaries:
         seconds = s["finetune_s"] + s["generate_s"]
         table.add_row(s["model"] + (" (kept)" if s.get("skipped") else ""), f"{s['params'] / 1e6:.1f}M",
@@ -525,4 +524,4 @@ def print_summary(summaries: list[dict[str, Any]], output: str) -> None:
                       f"{s['initial_val_loss']:.3f} -> {s['best_val_loss']:.3f}", str(s["answers"]),
                       f"{s['mean_response_tokens']:.0f}", str(s["hit_token_limit"]),
                       f"{math.floor(seconds / 60)}m{seconds % 60:02.0f}s")
-    Console().print(table)
+    console.print(table)

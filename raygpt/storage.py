@@ -172,6 +172,8 @@ class Storage:
             if local.is_file():
                 self.write_bytes(uri, local.read_bytes())
             else:
+                if not is_remote(uri):
+                    fs.create_dir(path, recursive=True)  # copy_files does not create local parents
                 pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
     def check_access(self, uri: str, write: bool = False) -> None:

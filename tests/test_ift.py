@@ -19,7 +19,6 @@ from raygpt.ift import (
     finetune,
     generate_answers,
     load_instruction_data,
-    model_id,
     split_instruction_data,
 )
 from raygpt.model import GPT, GPTConfig
@@ -218,14 +217,6 @@ def test_answers_are_greedy_batched_and_keep_the_test_order():
         assert item["hit_token_limit"] == (len(alone) == 6)
 
 
-def test_model_ids_are_short_and_filesystem_safe():
-    assert model_id("openai:gpt2-medium") == "openai-gpt2-medium"
-    assert model_id("gpt2-small-fineweb") == "gpt2-small-fineweb"
-    assert model_id("s3://bucket/runs/small/checkpoint_000010/") == "small-checkpoint_000010"
-    assert model_id("/tmp/my models/final") == "final"
-    assert model_id("weird name!") == "weird-name"
-
-
 # --- the book's file, when present -----------------------------------------------------------
 
 
@@ -244,3 +235,84 @@ def test_the_books_instruction_data_splits_and_formats_as_in_the_book():
     dataset = InstructionDataset(entries, AlpacaPrompt())
     # Every example fits GPT-2's context with its end token, so none is cut in training.
     assert max(len(ids) for ids, _ in dataset.examples) + 1 <= 1024
+
+
+# --- raygpt ift, end to end ------------------------------------------------------------------
+
+
+def test_one_model_writes_answers_metrics_and_model_to_a_local_folder(tmp_path):
+    from raygpt.checkpoint import save_model_dir
+    from raygpt.config import RunSpec
+    from raygpt.ift import finetune_one
+
+    save_model_dir(tiny_gpt(), TINY, tmp_path / "base")
+    splits = split_instruction_data(make_instructions(30))
+    spec = RunSpec()
+    spec.ift = IftConfig(epochs=1, lr=0.01, eval_interval=2, max_new_tokens=4, generation_batch_size=2)
+    dataset = {"source": "generated", "sha256": "0" * 64}
+    output = tmp_path / "results" / "ift"
+    summary = finetune_one(str(tmp_path / "base"), spec, Storage(), splits, dataset, str(output))
+    assert summary["model"] == "base" and summary["steps"] == 3 and summary["answers"] == 3
+    assert sorted(p.relative_to(output).as_posix() for p in output.rglob("*") if p.is_file()) == [
+        "answers/base.json", "base/metrics.json", "base/model/model.pt", "base/model/model_config.json"]
+    answers = json.loads((output / "answers" / "base.json").read_text())
+    assert {"model", "base_model", "generation", "dataset", "items"} <= set(answers)
+    assert answers["dataset"] == {**dataset, "split": "test", "n": 3}
+    assert set(answers["items"][0]) >= {"id", "instruction", "input", "output", "response"}
+
+
+@pytest.mark.integration
+def test_ift_command_fine_tunes_two_models_in_parallel_on_ray(ray_local, s3_env, tmp_path, capsys):
+    import hashlib
+
+    from raygpt.checkpoint import load_model, save_model_dir
+    from raygpt.cli import main
+    from raygpt.config import RunSpec
+    from raygpt.storage import join
+
+    storage = Storage()
+    bases = []
+    for seed, name in ((0, "base-a"), (1, "base-b")):
+        save_model_dir(tiny_gpt(seed), TINY, tmp_path / name)
+        bases.append(str(tmp_path / name))
+    data = json.dumps(make_instructions(30)).encode()
+    data_uri = "s3://raygpt-test/ift-e2e/instruction-data.json"
+    storage.write_bytes(data_uri, data)
+    output = "s3://raygpt-test/ift-e2e/out"
+    argv = ["ift", "--data", data_uri, "--output", output, "--model", bases[0], "--model", bases[1],
+            "--set", "ift.epochs=1", "--set", "ift.lr=0.01", "--set", "ift.batch_size=4",
+            "--set", "ift.eval_interval=2", "--set", "ift.max_new_tokens=8", "--set", f"storage_path={tmp_path}"]
+    assert main(argv) == 0
+
+    splits = split_instruction_data(make_instructions(30))
+    for name in ("base-a", "base-b"):
+        answers = storage.read_json(join(output, "answers", f"{name}.json"))
+        assert answers["model"] == name and answers["base_model"] == str(tmp_path / name)
+        assert answers["generation"] | {"max_new_tokens": 8, "temperature": 0.0, "decoding": "greedy",
+                                        "prompt_style": "alpaca"} == answers["generation"]
+        assert answers["dataset"] | {"source": data_uri, "sha256": hashlib.sha256(data).hexdigest(),
+                                     "split": "test", "n": 3} == answers["dataset"]
+        assert [(i["id"], i["instruction"], i["input"], i["output"]) for i in answers["items"]] == [
+            (f"test-{k:04d}", e["instruction"], e["input"], e["output"]) for k, e in enumerate(splits.test)]
+        assert all(isinstance(i["response"], str) for i in answers["items"])
+
+        metrics = storage.read_json(join(output, name, "metrics.json"))
+        history = metrics["history"]
+        assert history["steps"] == 6 and [v["step"] for v in history["val"]] == [0, 2, 4, 6]
+        assert history["best_val_loss"] < history["val"][0]["loss"]
+        # The saved model is the one with the best validation loss.
+        tuned, info = load_model(join(output, name, "model"), RunSpec(), storage)
+        val_loss = evaluate_loss(tuned, InstructionDataset(splits.val, AlpacaPrompt()), IftConfig(), "cpu")
+        assert val_loss == pytest.approx(history["best_val_loss"], rel=1e-5)
+    assert "Instruction fine-tuning" in capsys.readouterr().out
+
+    # A second run finds both models complete and keeps their answers.
+    before = storage.read_bytes(join(output, "answers", "base-a.json"))
+    assert main(argv) == 0
+    assert capsys.readouterr().out.count("(kept)") == 2
+    assert storage.read_bytes(join(output, "answers", "base-a.json")) == before
+
+    # A model that cannot be loaded fails with its name, and nothing is written for it.
+    assert main(argv[:5] + ["--model", str(tmp_path / "missing")] + argv[9:]) == 2
+    assert "missing" in capsys.readouterr().err
+    assert not storage.exists(join(output, "answers", "missing.json"))
