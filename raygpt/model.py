@@ -197,7 +197,8 @@ class GPT(nn.Module):
         logits = self.lm_head(x)  # (B, T, vocab)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+            # autocast runs cross_entropy in float32 by itself; no full-size upcast copy of the logits here
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
     def configure_optimizer(self, lr: float, weight_decay: float, betas: tuple[float, float],
