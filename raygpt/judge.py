@@ -555,5 +555,8 @@ def judge_command(args) -> int:
     spec = load_spec(args.spec, args.overrides)
     if args.answers:
         spec.judge.answers = list(args.answers)
-    run_judge(spec, Storage.from_config(spec.storage), dry_run=args.dry_run)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)  # a log or a pipe: whole rows, not rows cut to 80 columns
+    run_judge(spec, Storage.from_config(spec.storage), console, dry_run=args.dry_run)
     return 0

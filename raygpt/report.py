@@ -1,0 +1,459 @@
+"""``raygpt report``: which model is better, by test loss and by instruction-following score.
+
+It joins what the other stages wrote, by model id:
+- ``<eval.output or storage_path/eval>/test_loss.json`` (``raygpt eval``): test loss per model;
+- ``<judge.output or storage_path/judge>/summary.json`` (``raygpt judge``): IFT score, its 95%
+  interval, passes, failures, the anchors, the judge's agreement and position bias;
+- each run's ``metrics.jsonl`` and ``run.json`` under ``storage_path``: training curves.
+
+One ``Report`` (its rows sorted by test loss) is rendered by several backends: a rich terminal
+table, Markdown, JSON, CSV, and two PNGs (test loss against IFT score with error bars; the
+runs' training curves). A missing piece leaves its columns empty and is named under the table.
+
+Below the table: Spearman's rank correlation between test loss and IFT score across models.
+Its 95% interval comes from resampling the judged items (the same resample for every model,
+test losses fixed): it says how much the agreement depends on which instructions happened to
+be in the test set. With few models a rank correlation takes few values (with two, only -1 or
++1), so the number of models is shown beside it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from raygpt.config import RunSpec, load_spec
+from raygpt.errors import RaygptError
+from raygpt.judge import EMPTY_ANCHOR, REFERENCE_ANCHOR, judge_dir
+from raygpt.stats import bootstrap_indices, percentile_interval, spearman
+from raygpt.storage import Storage, join
+
+STAGE_FOLDERS = {"eval", "judge", "ift"}
+"""Folders under ``storage_path`` written by stages, not training runs."""
+
+
+@dataclass
+class ModelRow:
+    """One model: what its test loss and its IFT score are, and how sure."""
+
+    model: str
+    ref: str | None = None
+    params: int | None = None
+    trained_tokens: int | None = None
+    trained_on: str | None = None
+    """Hardware of the training run, from its run.json (e.g. "8x NVIDIA A100-SXM4-40GB")."""
+    test_loss: float | None = None
+    ift_score: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    spread: float | None = None
+    """Standard deviation of the per-pass mean scores."""
+    passes: int | None = None
+    failures: int | None = None
+    """Judgements that failed after retries (counted, not averaged in)."""
+    items_scored: int | None = None
+    item_scores: list[float | None] = field(default_factory=list, repr=False)
+    """Per-item scores (mean over passes), for the bootstrap; not a column."""
+
+
+@dataclass
+class Report:
+    rows: list[ModelRow]
+    anchors: dict[str, dict] = field(default_factory=dict)
+    correlation: dict | None = None
+    judge: dict | None = None
+    test_set: dict | None = None
+    curves: dict[str, list[dict]] = field(default_factory=dict)
+    """Per run, its metrics.jsonl records."""
+    runs: dict[str, dict] = field(default_factory=dict)
+    """Per run, a few facts from its run.json."""
+    missing: list[str] = field(default_factory=list)
+    sources: dict[str, str] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gathering
+
+
+def eval_dir(spec: RunSpec) -> str:
+    return spec.eval.output or join(spec.storage_path, "eval")
+
+
+def build_report(spec: RunSpec, storage: Storage) -> Report:
+    report = Report(rows=[])
+    rows: dict[str, ModelRow] = {}
+
+    test_loss_uri = join(eval_dir(spec), "test_loss.json")
+    if storage.exists(test_loss_uri):
+        test_loss = storage.read_json(test_loss_uri)
+        report.sources["test_loss"] = test_loss_uri
+        report.test_set = {k: test_loss.get(k) for k in ("dataset", "manifest_sha256", "test_tokens")}
+        for result in _list_of(test_loss, "results", test_loss_uri):
+            row = rows.setdefault(result["model"], ModelRow(result["model"]))
+            row.ref, row.params, row.test_loss = result.get("ref"), result.get("params"), result.get("test_loss")
+            row.trained_tokens = result.get("trained_tokens")
+    else:
+        report.missing.append(f"test loss: no {test_loss_uri} (run `raygpt eval`)")
+
+    summary_uri = join(judge_dir(spec), "summary.json")
+    if storage.exists(summary_uri):
+        summary = storage.read_json(summary_uri)
+        report.sources["judge"] = summary_uri
+        passes = summary.get("judge", {}).get("passes")
+        for judged in _list_of(summary, "models", summary_uri):
+            row = _row_for(judged, rows)
+            row.ift_score = judged.get("mean")
+            row.ci_low, row.ci_high = (judged.get("ci95") or [None, None])[:2]
+            row.spread, row.failures, row.passes = judged.get("spread"), judged.get("failures"), passes
+            row.items_scored, row.item_scores = judged.get("items_scored"), judged.get("item_scores") or []
+        report.anchors = summary.get("anchors") or {}
+        report.judge = {key: summary.get(key) for key in ("judge", "items", "rank_agreement", "position_bias",
+                                                          "calls", "usage")}
+    else:
+        report.missing.append(f"IFT scores: no {summary_uri} (run `raygpt ift`, then `raygpt judge`)")
+
+    _read_runs(spec, storage, report)
+    for row in rows.values():
+        run = _run_of(row.ref, report.runs)
+        if run is not None:
+            row.trained_on = row.trained_on or _hardware_label(run.get("hardware") or {})
+            row.trained_tokens = row.trained_tokens or (run.get("final") or {}).get("tokens")
+    report.rows = sorted(rows.values(), key=_sort_key)
+    report.correlation = loss_score_correlation(report.rows, spec.report.bootstrap_samples, spec.report.seed)
+    return report
+
+
+def _list_of(data: Any, key: str, uri: str) -> list[dict]:
+    entries = data.get(key) if isinstance(data, dict) else None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and "model" in e for e in entries):
+        raise RaygptError(f"{uri}: expected a {key!r} list of objects with a 'model' id")
+    return entries
+
+
+def _row_for(judged: dict, rows: dict[str, ModelRow]) -> ModelRow:
+    """The row of the model these answers came from: the same id, else the model whose ref is
+    the answers' base model; a new row when neither was evaluated."""
+    if judged["model"] in rows:
+        return rows[judged["model"]]
+    for row in rows.values():
+        if judged.get("base_model") and row.ref == judged["base_model"]:
+            return row
+    return rows.setdefault(judged["model"], ModelRow(judged["model"], ref=judged.get("base_model")))
+
+
+def _run_of(ref: str | None, runs: dict[str, dict]) -> dict | None:
+    """The run a model ref names: the run itself, or one of its checkpoint folders."""
+    if not ref:
+        return None
+    parts = ref.rstrip("/").split("/")
+    for name in (parts[-1], parts[-2] if len(parts) > 1 else None):
+        if name in runs:
+            return runs[name]
+    return None
+
+
+def _hardware_label(hardware: dict) -> str | None:
+    devices = [d for d in hardware.get("devices") or [] if d]
+    if devices:
+        most = max(set(devices), key=devices.count)
+        return f"{devices.count(most)}x {most}" if len(set(devices)) == 1 else f"{len(devices)} devices ({most}, ...)"
+    if hardware.get("workers"):
+        return f"{hardware['workers']}x {'GPU' if hardware.get('use_gpu') else 'CPU'} worker"
+    return None
+
+
+def _sort_key(row: ModelRow) -> tuple:
+    # Lowest test loss first; models without one last, best score first among them.
+    return (row.test_loss is None, row.test_loss or 0.0, -(row.ift_score or 0.0), row.model)
+
+
+def loss_score_correlation(rows: list[ModelRow], samples: int, seed: int) -> dict | None:
+    """Spearman(test loss, IFT score) across the models that have both, with a bootstrap
+    interval over the judged items (see the module docstring)."""
+    both = [r for r in rows if r.test_loss is not None and r.ift_score is not None]
+    if len(both) < 2:
+        return None
+    losses = np.array([r.test_loss for r in both])
+    rho = spearman(losses, np.array([r.ift_score for r in both]))
+    low = high = None
+    lengths = {len(r.item_scores) for r in both}
+    if len(lengths) == 1 and lengths != {0}:
+        item_scores = np.array([[math.nan if v is None else v for v in r.item_scores] for r in both], dtype=float)
+        replicates = []
+        for index in bootstrap_indices(item_scores.shape[1], samples, seed):
+            resampled = item_scores[:, index]
+            counts = (~np.isnan(resampled)).sum(axis=1)
+            if (counts == 0).any():
+                continue
+            replicates.append(spearman(losses, np.nansum(resampled, axis=1) / counts))
+        low, high = percentile_interval(np.array(replicates))
+    return {"spearman": _clean(rho), "ci95": [_clean(low), _clean(high)], "models": len(both),
+            "resampled": "items", "bootstrap_samples": samples, "seed": seed}
+
+
+def _read_runs(spec: RunSpec, storage: Storage, report: Report) -> None:
+    """Training curves (metrics.jsonl) and run records (run.json) of ``report.runs``, else of
+    every folder under ``storage_path`` that has a metrics.jsonl."""
+    names = spec.report.runs or [n for n in storage.list(spec.storage_path) if n not in STAGE_FOLDERS]
+    for name in names:
+        metrics_uri = join(spec.storage_path, name, "metrics.jsonl")
+        if not storage.exists(metrics_uri):
+            if spec.report.runs:
+                report.missing.append(f"training curve of {name}: no {metrics_uri}")
+            continue
+        records, unreadable = [], 0
+        for line in storage.read_text(metrics_uri).splitlines():
+            try:
+                record = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                unreadable += 1
+                continue
+            if isinstance(record, dict) and "step" in record:
+                records.append(record)
+        if unreadable:
+            report.missing.append(f"training curve of {name}: {unreadable} unreadable line(s) in {metrics_uri}")
+        report.curves[name] = records
+        run_uri = join(spec.storage_path, name, "run.json")
+        if storage.exists(run_uri):
+            record = storage.read_json(run_uri)
+            if isinstance(record, dict):
+                report.runs[name] = {k: record[k] for k in ("status", "hardware", "final", "git_commit") if k in record}
+    if not report.curves:
+        report.missing.append(f"training curves: no run with metrics.jsonl under {spec.storage_path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends: the same rows as a terminal table, Markdown, JSON, CSV and plots.
+
+COLUMNS = ("model", "test loss", "IFT score", "95% CI", "passes", "failures", "params", "trained tokens", "trained on")
+OPTIONAL_COLUMNS = {"params", "trained tokens", "trained on"}
+"""Shown only when some row has a value: the table stays narrow when they are unknown."""
+
+
+def _table(report: Report) -> tuple[list[str], list[list[str]]]:
+    """The header and cells of the table, shared by the terminal and Markdown backends."""
+    cells = [_cells(row) for row in report.rows]
+    keep = [k for k, name in enumerate(COLUMNS)
+            if name not in OPTIONAL_COLUMNS or any(row[k] != "-" for row in cells)]
+    return [COLUMNS[k] for k in keep], [[row[k] for k in keep] for row in cells]
+
+
+def _cells(row: ModelRow) -> list[str]:
+    ci = f"{row.ci_low:.2f} - {row.ci_high:.2f}" if row.ci_low is not None and row.ci_high is not None else "-"
+    return [row.model, _fmt(row.test_loss, 3), _fmt(row.ift_score, 2), ci, _fmt(row.passes), _fmt(row.failures),
+            _count(row.params), _count(row.trained_tokens), row.trained_on or "-"]
+
+
+def _count(n: int | None) -> str:
+    if not n:
+        return "-"
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}" if n < 10 * size else f"{n / size:.0f}{unit}"
+    return str(n)
+
+
+def _fmt(value: Any, digits: int | None = None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if digits is not None else str(value)
+
+
+def _notes(report: Report) -> list[str]:
+    """The lines under the table: anchors, correlation, judge consistency, what is missing."""
+    notes = []
+    for name, label in ((REFERENCE_ANCHOR, "reference answer"), (EMPTY_ANCHOR, "empty answer")):
+        anchor = report.anchors.get(name)
+        if anchor:
+            low, high = anchor.get("ci95") or [None, None]
+            notes.append(f"anchor {label}: {_fmt(anchor.get('mean'), 2)} (95% CI {_fmt(low, 2)} - {_fmt(high, 2)})")
+    c = report.correlation
+    if c:
+        small = " (two models: always -1 or +1)" if c["models"] == 2 else ""
+        notes.append(f"Spearman(test loss, IFT score) = {_fmt(c['spearman'], 2)} across {c['models']} models{small}, "
+                     f"95% CI {_fmt(c['ci95'][0], 2)} - {_fmt(c['ci95'][1], 2)} (items resampled); "
+                     f"negative: lower loss, higher score")
+    if report.judge:
+        j = report.judge.get("judge") or {}
+        notes.append(f"judge: {j.get('model')} ({j.get('mode')}, template {j.get('template')}, "
+                     f"{j.get('passes')} passes, {report.judge.get('items')} items)")
+        agreement = report.judge.get("rank_agreement")
+        if agreement:
+            notes.append(f"agreement between passes: Spearman {_fmt(agreement.get('spearman'), 2)}, "
+                         f"Kendall {_fmt(agreement.get('kendall'), 2)}")
+        bias = report.judge.get("position_bias")
+        if bias and bias.get("range") is not None:
+            notes.append(f"position bias: {bias['range']:.1f} points between the most and least favoured position")
+    notes += [f"missing: {m}" for m in report.missing]
+    return notes
+
+
+def render_terminal(report: Report, console: Console) -> None:
+    table = Table(title="raygpt: test loss and instruction-following score (sorted by test loss)")
+    header, cells = _table(report)
+    for column in header:
+        # Names and numbers never wrap: a narrow terminal squeezes the hardware column instead.
+        table.add_column(column, justify="left" if column in ("model", "trained on") else "right",
+                         no_wrap=column != "trained on")
+    for row in cells:
+        table.add_row(*row)
+    console.print(table)
+    for note in _notes(report):
+        console.print(note, style="yellow" if note.startswith("missing") else None)
+
+
+def to_markdown(report: Report) -> str:
+    header, cells = _table(report)
+    lines = ["# raygpt report", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
+    lines.append("")
+    lines += [f"- {note}" for note in _notes(report)]
+    if any(r.test_loss is not None and r.ift_score is not None for r in report.rows):
+        lines += ["", "![IFT score vs. test loss](loss_vs_score.png)"]
+    if report.curves:
+        lines += ["", "![training curves](training_curves.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def to_json(report: Report) -> dict:
+    return {
+        "format": "raygpt-report/1",
+        "rows": [{k: v for k, v in asdict(row).items() if k != "item_scores"} for row in report.rows],
+        "anchors": {name: {k: v for k, v in a.items() if k != "item_scores"} for name, a in report.anchors.items()},
+        "correlation": report.correlation,
+        "judge": report.judge,
+        "test_set": report.test_set,
+        "runs": {name: {"points": len(report.curves.get(name, [])), **report.runs.get(name, {})}
+                 for name in report.curves},
+        "missing": report.missing,
+        "sources": report.sources,
+    }
+
+
+def to_csv(report: Report) -> str:
+    out = io.StringIO()
+    names = [k for k in ModelRow.__dataclass_fields__ if k != "item_scores"]
+    writer = csv.DictWriter(out, fieldnames=names, lineterminator="\n")
+    writer.writeheader()
+    for row in report.rows:
+        writer.writerow({k: "" if v is None else v for k, v in asdict(row).items() if k != "item_scores"})
+    return out.getvalue()
+
+
+def plot_loss_vs_score(report: Report, path: Path) -> bool:
+    """Test loss (x) against IFT score (y) with the score's 95% interval as error bars, and
+    the anchors as horizontal lines. False when no model has both."""
+    rows = [r for r in report.rows if r.test_loss is not None and r.ift_score is not None]
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    x = [r.test_loss for r in rows]
+    y = [r.ift_score for r in rows]
+    yerr = [[r.ift_score - r.ci_low if r.ci_low is not None else 0 for r in rows],
+            [r.ci_high - r.ift_score if r.ci_high is not None else 0 for r in rows]]
+    ax.errorbar(x, y, yerr=yerr, fmt="o", capsize=4)
+    for row in rows:
+        ax.annotate(row.model, (row.test_loss, row.ift_score), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    for name, style in ((REFERENCE_ANCHOR, "--"), (EMPTY_ANCHOR, ":")):
+        anchor = report.anchors.get(name)
+        if anchor and anchor.get("mean") is not None:
+            ax.axhline(anchor["mean"], linestyle=style, color="grey", linewidth=1, label=f"{name} anchor")
+    if report.anchors:
+        ax.legend(loc="best", fontsize=8)
+    title = "IFT score vs. test loss"
+    if report.correlation and report.correlation["spearman"] is not None:
+        title += f" (Spearman {report.correlation['spearman']:.2f})"
+    ax.set(xlabel="test loss (nats/token)", ylabel="IFT score (0-100, 95% CI)", title=title, ylim=(-2, 102))
+    ax.margins(x=0.2)  # room for the model names beside the points
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_training_curves(report: Report, path: Path) -> bool:
+    """Training loss (lines) and validation loss (dots) of every run against tokens seen."""
+    if not report.curves:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    by_tokens = all("tokens" in r for records in report.curves.values() for r in records)
+    key = "tokens" if by_tokens else "step"
+    for name, records in report.curves.items():
+        train = [(r[key], r["loss"]) for r in records if r.get("loss") is not None]
+        val = [(r[key], r["val_loss"]) for r in records if r.get("val_loss") is not None]
+        color = None
+        if train:
+            (line,) = ax.plot(*zip(*train), linewidth=1.2, label=f"{name} train")
+            color = line.get_color()
+        if val:
+            ax.plot(*zip(*val), "o--", color=color, markersize=3, linewidth=0.8, label=f"{name} val")
+    ax.set(xlabel="tokens seen" if by_tokens else "step", ylabel="loss (nats/token)", title="training curves")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_report(report: Report, output: str | Path) -> list[Path]:
+    """Every file backend into ``output`` (a local directory); returns the paths written."""
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in (("report.md", to_markdown(report)), ("report.json", json.dumps(to_json(report), indent=2) + "\n"),
+                       ("report.csv", to_csv(report))):
+        _write_atomically(out / name, text)
+        written.append(out / name)
+    for name, plot in (("loss_vs_score.png", plot_loss_vs_score), ("training_curves.png", plot_training_curves)):
+        tmp = out / f".{name}.tmp.png"
+        if plot(report, tmp):
+            tmp.replace(out / name)
+            written.append(out / name)
+        else:
+            (out / name).unlink(missing_ok=True)  # a stale plot from an earlier report would mislead
+    return written
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _clean(value: float | None) -> float | None:
+    return None if value is None or math.isnan(value) else round(float(value), 4)
+
+
+def report_command(args) -> int:
+    spec = load_spec(args.spec, args.overrides)
+    if args.output:
+        spec.report.output = args.output
+    report = build_report(spec, Storage.from_config(spec.storage))
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)  # a log or a pipe: whole rows, not rows cut to 80 columns
+    render_terminal(report, console)
+    written = write_report(report, spec.report.output)
+    console.print("wrote " + ", ".join(str(p) for p in written), soft_wrap=True)
+    return 0
