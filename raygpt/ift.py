@@ -69,10 +69,7 @@ def load_instruction_data(source: str, storage: Storage) -> tuple[list[dict[str,
             raise RaygptError(f"{source}: cannot download the instruction data ({reason}); "
                               "pass a local copy with --data PATH (or ift.data=PATH)") from None
     else:
-        try:
-            raw = storage.read_bytes(source)
-        except FileNotFoundError:
-            raise RaygptError(f"{source}: instruction data not found (ift.data)") from None
+        raw = storage.read_bytes(source)
     try:
         entries = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -3,6 +3,7 @@ that restores the best weights, batched answers, and ``raygpt ift`` end to end o
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -102,8 +103,6 @@ def test_load_instruction_data_checks_the_shape_and_hashes_the_file(tmp_path):
     good.write_text(json.dumps(make_instructions(4)))
     entries, sha256 = load_instruction_data(str(good), storage)
     assert entries == make_instructions(4)
-    import hashlib
-
     assert sha256 == hashlib.sha256(good.read_bytes()).hexdigest()
 
     cases = {
@@ -263,8 +262,6 @@ def test_one_model_writes_answers_metrics_and_model_to_a_local_folder(tmp_path):
 
 @pytest.mark.integration
 def test_ift_command_fine_tunes_two_models_in_parallel_on_ray(ray_local, s3_env, tmp_path, capsys):
-    import hashlib
-
     from raygpt.checkpoint import load_model, save_model_dir
     from raygpt.cli import main
     from raygpt.config import RunSpec
