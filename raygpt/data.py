@@ -146,6 +146,8 @@ class Source:
     """What the documents are, for the output and the manifest."""
     documents: Callable[[], Iterator[str]]
     """Yields the documents in a fixed order."""
+    revision: str | None = None
+    """The hub dataset's commit that is streamed (pinned, so a resumed run reads the same data)."""
 
 
 def open_source(data: DataConfig) -> Source:
@@ -153,9 +155,9 @@ def open_source(data: DataConfig) -> Source:
     source = data.source
     if source in HUB_SOURCES:
         repo, config = HUB_SOURCES[source]
-        _check_hub_reachable(source, repo)
-        return Source(source, f"{repo} ({config}), streamed from the Hugging Face hub",
-                      lambda: _hub_documents(repo, config, data.text_column))
+        revision = _hub_revision(source, repo)
+        return Source(source, f"{repo} ({config}) at revision {revision[:12]}, streamed from the Hugging Face hub",
+                      lambda: _hub_documents(repo, config, revision, data.text_column), revision)
     if source == "stdlib":
         return Source(source, f"docstrings of the Python {platform.python_version()} standard library "
                               "(an offline corpus that every Python installation carries, not web text)",
@@ -166,12 +168,13 @@ def open_source(data: DataConfig) -> Source:
                   lambda: _local_documents(files, data.text_column, data.txt_documents))
 
 
-def _check_hub_reachable(source: str, repo: str) -> None:
-    """A quick metadata request, so an offline machine fails in a second, not after minutes of retries."""
+def _hub_revision(source: str, repo: str) -> str:
+    """The dataset's current commit, from one quick metadata request: an offline machine fails
+    here in a second, not after minutes of ``datasets``' retries."""
     try:
         from huggingface_hub import HfApi
 
-        HfApi().dataset_info(repo, timeout=10)
+        return HfApi().dataset_info(repo, timeout=10).sha
     except Exception as e:  # huggingface_hub raises httpx, OSError and its own errors alike
         detail = str(e).splitlines()[0][:200] if str(e) else ""
         raise RaygptError(f"data.source {source}: cannot reach {repo} on the Hugging Face hub "
@@ -179,12 +182,12 @@ def _check_hub_reachable(source: str, repo: str) -> None:
                           "or use --source stdlib or a local path") from None
 
 
-def _hub_documents(repo: str, config: str, column: str) -> Iterator[str]:
+def _hub_documents(repo: str, config: str, revision: str, column: str) -> Iterator[str]:
     from datasets import load_dataset
 
     count = 0
     try:
-        rows = iter(load_dataset(repo, name=config, split="train", streaming=True))
+        rows = iter(load_dataset(repo, name=config, split="train", streaming=True, revision=revision))
         for row in rows:
             if column not in row:
                 raise RaygptError(f"{repo}: rows have no {column!r} column (columns: {', '.join(row)}); "
@@ -334,7 +337,8 @@ def _tokenize_texts(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     from raygpt.tokenizer import get_tokenizer
 
     # encode_ordinary: '<|endoftext|>' written inside a document is text, not a separator.
-    ids = get_tokenizer().encode_ordinary_batch(texts, num_threads=1)
+    encoding = get_tokenizer()
+    ids = [encoding.encode_ordinary(text) for text in texts]
     lengths = np.fromiter((len(doc) + 1 for doc in ids), dtype=np.int64, count=len(ids))
     flat = np.empty(int(lengths.sum()), dtype=DTYPE)
     end = 0
@@ -366,8 +370,8 @@ def _tokenized(chunks: Iterator[_Chunk], num_proc: int) -> Iterator[tuple[_Chunk
             chunk, future = in_flight.popleft()
             yield chunk, *future.result()
     except BrokenProcessPool:
-        raise RaygptError("a tokenizer process died (out of memory? its error, if any, is above); lower data.num_proc and re-run: "
-                          "finished shards are kept") from None
+        raise RaygptError("a tokenizer process died (out of memory? its error, if any, is above); "
+                          "lower data.num_proc and re-run: finished shards are kept") from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -421,7 +425,8 @@ class _ShardStore:
     def _already_stored(self, shard: dict, size: int) -> bool:
         """Recorded with this sha256 and stored with this size. A local file is also hashed (cheap);
         an S3 object is trusted on its record, as re-reading it would cost as much as writing it."""
-        if self._known.get(shard["name"], {}).get("sha256") != shard["sha256"] or self._stored.get(shard["name"]) != size:
+        recorded = self._known.get(shard["name"], {}).get("sha256")
+        if recorded != shard["sha256"] or self._stored.get(shard["name"]) != size:
             return False
         uri = join(self.output, shard["name"])
         return is_remote(uri) or _sha256_file(Path(self.storage.resolve(uri)[1])) == shard["sha256"]
@@ -581,7 +586,7 @@ def prepare(spec: RunSpec, storage: Storage, console: Console | None = None) -> 
             writer.finish()
         manifest = {
             "format": FORMAT, "tokenizer": "gpt2", "dtype": "uint16", "eot_id": EOT_ID, "vocab_size": VOCAB_SIZE,
-            "source": data.source, "source_description": source.description,
+            "source": data.source, "source_description": source.description, "source_revision": source.revision,
             "text_column": data.text_column, "txt_documents": data.txt_documents,
             "heldout_permille": data.heldout_permille, "split_rule": SPLIT_RULE,
             "budget": {"train_tokens": train_budget, "chinchilla": data.chinchilla,
@@ -736,7 +741,10 @@ class ShardCache:
                 if not _cached(path, shard):
                     self._download(uri, path, shard)
             self._evict()
-        os.utime(path)  # recency, for eviction
+        try:
+            os.utime(path)  # recency, for eviction
+        except FileNotFoundError:  # evicted by another worker on this node just now
+            return self.local_path(split, shard_index)
         return path
 
     def _download(self, uri: str, path: Path, shard: dict) -> None:

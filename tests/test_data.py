@@ -376,6 +376,14 @@ def test_prepare_to_s3_and_train_from_it(s3_env, corpus, prepared, tmp_path):
     assert {p.name for p in cached.glob("*.bin")} <= {s["name"] for s in manifest["splits"]["train"]["shards"]}
     assert len(list(cached.glob("*.bin"))) >= 2
 
+    # A bounded cache keeps only the shards in use and the newest download.
+    bounded = TrainBatches(uri, Storage(), seq_len=64, seed=5, global_batch_size=16, cache_dir=tmp_path / "small",
+                           max_cached_shards=1)
+    for step in range(bounded.steps_per_epoch):
+        bounded.micro_batches(step, 0, 1, 16)
+    bounded.close()
+    assert len(list((tmp_path / "small").glob("*/*.bin"))) <= 2 < len(manifest["splits"]["train"]["shards"])
+
     x, y = next(eval_batches(uri, Storage(), "test", 64, 4, cache_dir=cache))
     assert x.shape == (4, 64) and torch.equal(x[:, 1:], y[:, :-1])
 
