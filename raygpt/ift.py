@@ -32,7 +32,6 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from raygpt.checkpoint import load_model, model_id, save_model_dir
 from raygpt.config import IftConfig, RunSpec, load_spec, spec_to_dict
 from raygpt.errors import RaygptError
 from raygpt.prompts import PromptStyle, get_prompt_style
@@ -356,6 +355,8 @@ class IftLayout:
 def finetune_one(ref: str, spec: RunSpec, storage: Storage, splits: InstructionSplits,
                  dataset: dict[str, Any], output: str, force: bool = False) -> dict[str, Any]:
     """Load ``ref``, fine-tune it, answer the test split and write its results; return a summary."""
+    from raygpt.checkpoint import load_model, model_id, save_model_dir
+
     cfg = spec.ift
     name = model_id(ref)
     layout = IftLayout(output, name)
@@ -430,6 +431,7 @@ def ift_command(args) -> int:
     """``raygpt ift SPEC [--model REF]... [--data SOURCE] [--output URI] [--force]``."""
     import ray
 
+    from raygpt.checkpoint import model_id
     from raygpt.cluster import cluster_has_gpus, connect
 
     spec = load_spec(args.spec, args.overrides)
