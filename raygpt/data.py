@@ -605,25 +605,34 @@ def prepare(spec: RunSpec, storage: Storage, console: Console | None = None) -> 
 
 @contextmanager
 def _progress_bar(console: Console | None, total: int | None) -> Iterator[Callable[[int, int], None]]:
-    """``advance(tokens, docs)``; a rich bar with tokens/s and docs/s, or nothing without a console."""
+    """``advance(tokens, docs)``: a live rich bar with tokens/s and docs/s on a terminal; a line
+    every 30 s elsewhere (Ray job logs, files), where a live bar would show nothing until the end."""
     if console is None:
         yield lambda tokens, docs: None
         return
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    start = time.monotonic()
+    start = last_line = time.monotonic()
+    counts = {"tokens": 0, "docs": 0}
+
+    def rate() -> str:
+        elapsed = max(time.monotonic() - start, 1e-9)
+        return f"{counts['tokens'] / elapsed / 1e6:.2f}M tok/s, {counts['docs'] / elapsed:,.0f} docs/s"
+
     with Progress(TextColumn("[bold]tokenizing"), BarColumn(), TextColumn("{task.completed:,} tokens"),
-                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console, transient=True) as bar:
+                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console, transient=True,
+                  disable=not console.is_terminal) as bar:
         task = bar.add_task("tokenize", total=total, rate="")
-        docs_seen = 0
 
         def advance(tokens: int, docs: int) -> None:
-            nonlocal docs_seen
-            docs_seen += docs
-            elapsed = max(time.monotonic() - start, 1e-9)
-            completed = bar.tasks[0].completed + tokens
-            bar.update(task, advance=tokens,
-                       rate=f"{completed / elapsed / 1e6:.2f}M tok/s, {docs_seen / elapsed:,.0f} docs/s")
+            nonlocal last_line
+            counts["tokens"] += tokens
+            counts["docs"] += docs
+            bar.update(task, advance=tokens, rate=rate())
+            if not console.is_terminal and time.monotonic() - last_line >= 30:
+                last_line = time.monotonic()
+                of_total = f" of {total:,} ({counts['tokens'] / total:.1%})" if total else ""
+                console.print(f"tokenized {counts['tokens']:,}{of_total} tokens, {rate()}")
 
         yield advance
 
