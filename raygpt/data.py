@@ -12,6 +12,13 @@ a held-out document are held out with it. The test split is the first ``test_tok
 of test documents in source order, so every run on every machine is compared on the same
 slice, however many training tokens it asked for.
 
+Prepare stops when train holds its budget (``data.tokens``, or 20 tokens per parameter of the
+``data.chinchilla`` preset) and val and test are full, or when the source ends. Once train is
+full, documents are only hashed, not tokenized, until the held-out splits fill; with FineWeb
+and the defaults (1% held out, 10M test tokens) that takes ~2B tokens' worth of streamed text,
+whatever the training budget. A .txt file is one document, or one per blank-line-separated
+block with ``data.txt_documents: paragraphs``.
+
 Training reads with ``TrainBatches``: a hierarchical shuffle that depends on (seed, step)
 only. Each epoch permutes the train shards, then the sequences within each shard; global
 batch ``step`` is the next ``global_batch_size`` sequences of that order, and worker ``r`` of
@@ -671,7 +678,7 @@ def prepare_command(args) -> int:
         data.tokens, data.chinchilla = args.tokens, None
     if args.chinchilla:
         data.tokens, data.chinchilla = None, args.chinchilla
-    if getattr(args, "num_proc", None) is not None:
+    if args.num_proc is not None:
         data.num_proc = args.num_proc
     problems = check_spec(spec)
     if problems:
