@@ -257,7 +257,8 @@ class JudgeConfig:
     """OpenAI-compatible endpoint (vLLM, Ollama, llama.cpp). None: OpenAI itself."""
 
     api_key_env: str = "OPENAI_API_KEY"
-    """Environment variable that holds the API key. The key itself is never written anywhere."""
+    """Environment variable that holds the API key. The key itself is never written anywhere.
+    Empty ('') for a local server that needs no key."""
 
     model: str = "gpt-4o-mini"
     """Judge model."""

@@ -26,9 +26,9 @@ import json
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from rich.console import Console
@@ -249,10 +249,11 @@ def judge_calls(calls: list[JudgeCall], spec: RunSpec, cache: JudgeCache, endpoi
                       {"template": template_id, "model": spec.judge.model, "seed": call.seed})
         return outcome
 
-    return _in_parallel(judge_one, calls, spec.judge.concurrency, console, "judging")
+    return _in_parallel(judge_one, calls, spec.judge.concurrency, console, "judging", on_abort=endpoint.stopping.set)
 
 
-def _in_parallel(work: Any, calls: list[JudgeCall], concurrency: int, console: Console, what: str) -> list:
+def _in_parallel(work: Callable[[JudgeCall], Any], calls: list[JudgeCall], concurrency: int, console: Console,
+                 what: str, on_abort: Callable[[], None] | None = None) -> list:
     results: list = [None] * len(calls)
     with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task(what, total=len(calls))
@@ -263,7 +264,9 @@ def _in_parallel(work: Any, calls: list[JudgeCall], concurrency: int, console: C
                 results[futures[future]] = future.result()
                 progress.advance(task)
         except BaseException:
-            # The endpoint gone, or Ctrl-C: start nothing new; what finished is cached.
+            # The endpoint gone, or Ctrl-C: start nothing new, cut backoffs short; what finished is cached.
+            if on_abort is not None:
+                on_abort()
             pool.shutdown(wait=True, cancel_futures=True)
             raise
         pool.shutdown(wait=True)
@@ -297,12 +300,19 @@ def run_judge(spec: RunSpec, storage: Storage, console: Console | None = None, d
     started = time.time()
     if missing:
         endpoint.preflight()
+        # Identical prompts (in single mode: two models with the same answer, or an empty
+        # answer and the empty anchor) are one question: asked once, the copies reuse the reply.
+        first_of_key: dict[str, int] = {}
+        for i in missing:
+            first_of_key.setdefault(calls[i].key, i)
         try:
-            fresh = judge_calls([calls[i] for i in missing], spec, cache, endpoint, console)
+            fresh = judge_calls([calls[i] for i in first_of_key.values()], spec, cache, endpoint, console)
         except EndpointGone as e:
             raise EndpointGone(f"{e}; judging stopped, the judgements made so far are cached: run again to resume") from None
-        for i, outcome in zip(missing, fresh):
-            outcomes[i] = outcome
+        by_key = dict(zip(first_of_key, fresh))
+        for i in missing:
+            outcome = by_key[calls[i].key]
+            outcomes[i] = outcome if first_of_key[calls[i].key] == i else replace(outcome, cached=True, usage=Usage())
     records = [judgement_record(call, outcome) for call, outcome in zip(calls, outcomes)]
     summary = summarize(spec, sets, calls, outcomes)
     summary["wall_s"] = round(time.time() - started, 3)

@@ -56,6 +56,11 @@ def price_of(model: str, config: JudgeConfig) -> tuple[float, float] | None:
     return PRICES[max(matches, key=len)] if matches else None
 
 
+# Request parameters a 400 may name, and the spec key that sets each.
+SETTING_KEYS = {"max_completion_tokens": "judge.max_tokens", "max_tokens": "judge.max_tokens",
+                "temperature": "judge.temperature", "seed": "judge.seed"}
+
+
 def sampling_settings(config: JudgeConfig, seed: int) -> dict[str, Any]:
     """The sampling settings that shape a reply (and so belong in its cache key)."""
     return {"temperature": config.temperature, "seed": seed, "max_tokens": config.max_tokens}
@@ -96,10 +101,10 @@ class EndpointGone(RaygptError):
 class JudgeEndpoint:
     """One judge model behind an OpenAI-compatible API, with our retry policy."""
 
-    def __init__(self, config: JudgeConfig, sleep: Callable[[float], None] = time.sleep):
+    def __init__(self, config: JudgeConfig):
         self.config = config
-        self.where = config.base_url or "https://api.openai.com/v1"
-        self._sleep = sleep
+        self.stopping = threading.Event()
+        """Set when the run is aborting: calls in their backoff stop waiting and give up."""
         self._structured = config.structured_output
         self._lock = threading.Lock()
         if config.api_key_env:
@@ -112,6 +117,7 @@ class JudgeEndpoint:
             api_key = "no-key"  # local servers (vLLM, Ollama, llama.cpp) ignore it, the client needs one
         self.client = openai.OpenAI(base_url=config.base_url, api_key=api_key, max_retries=0,
                                     timeout=config.timeout_s)
+        self.where = str(self.client.base_url).rstrip("/")
 
     # -- preflight --------------------------------------------------------------------------
 
@@ -131,7 +137,7 @@ class JudgeEndpoint:
             except (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError) as e:
                 if attempt == self.config.max_retries:
                     raise RaygptError(f"judge endpoint {self.where} keeps failing ({_describe(e)}): try again later") from None
-                self._sleep(self._backoff(attempt, e))
+                time.sleep(self._backoff(attempt, e))
             except openai.APIConnectionError:
                 raise RaygptError(f"judge endpoint {self.where} cannot be reached: check judge.base_url and "
                                   f"that the server is running") from None
@@ -152,6 +158,8 @@ class JudgeEndpoint:
         problem, transient_error = "", None
         attempt = 0
         while attempt <= self.config.max_retries:
+            if self.stopping.is_set():
+                return Outcome(None, None, attempt, usage, failure="stopped: the run was aborted")
             attempt += 1
             kwargs = self._request(messages, response_format, seed)
             try:
@@ -164,6 +172,12 @@ class JudgeEndpoint:
                         self._structured = False
                     attempt -= 1
                     continue
+                message = str(e).lower()
+                for parameter, key in SETTING_KEYS.items():
+                    if parameter in message:
+                        # A setting the endpoint refuses fails every call alike: stop, say which.
+                        raise EndpointGone(f"judge endpoint {self.where} refuses {parameter} for model "
+                                           f"{self.config.model!r} ({_describe(e)}): change {key}") from None
                 return Outcome(None, None, attempt, usage, failure=f"request rejected: {_describe(e)}")
             except openai.AuthenticationError:
                 raise EndpointGone(f"judge endpoint {self.where} rejected the key in ${self.config.api_key_env} (401)") from None
@@ -172,6 +186,15 @@ class JudgeEndpoint:
             except openai.NotFoundError as e:
                 raise EndpointGone(f"judge endpoint {self.where}: model {self.config.model!r} not found "
                                    f"({_describe(e)})") from None
+            except openai.RateLimitError as e:
+                if getattr(e, "code", None) == "insufficient_quota":
+                    # OpenAI says 429 for an empty account too; waiting will not refill it.
+                    raise EndpointGone(f"judge endpoint {self.where}: the account's quota is used up "
+                                       f"({_describe(e)})") from None
+                problem, transient_error = _describe(e), e
+                if attempt <= self.config.max_retries:
+                    self.stopping.wait(self._backoff(attempt - 1, e))
+                continue
             except (openai.APIConnectionError, openai.APIStatusError) as e:
                 # 429, 5xx, 408/409, timeouts and dropped connections pass; anything else will not.
                 status = getattr(e, "status_code", None)
@@ -179,7 +202,7 @@ class JudgeEndpoint:
                     return Outcome(None, None, attempt, usage, failure=f"request rejected: {_describe(e)}")
                 problem, transient_error = _describe(e), e
                 if attempt <= self.config.max_retries:
-                    self._sleep(self._backoff(attempt - 1, e))
+                    self.stopping.wait(self._backoff(attempt - 1, e))
                 continue
             transient_error = None
             if response.usage is not None:

@@ -291,6 +291,51 @@ def test_interrupted_run_resumes_making_only_the_missing_calls(tmp_path, server)
 
 
 @pytest.mark.integration
+def test_an_aborting_run_cuts_other_calls_backoff_short(tmp_path, server):
+    write_answers(tmp_path)
+    spec = make_spec(tmp_path, server, "judge.concurrency=4", "judge.backoff_max_s=30")
+    served = itertools.count()
+    lock = threading.Lock()
+
+    def three_rate_limits_then_a_revoked_key(body, index):
+        with lock:
+            n = next(served)
+        if n < 3:
+            return Reply.error(429, retry_after_ms=20_000)
+        time.sleep(0.2)  # the 429s are in their backoff by now
+        return Reply.error(401)
+
+    server.policy = three_rate_limits_then_a_revoked_key
+    started = time.monotonic()
+    with pytest.raises(RaygptError, match="rejected the key"):
+        run_judge(spec, Storage(), quiet())
+    assert time.monotonic() - started < 5, "the other calls kept waiting out their Retry-After"
+
+
+@pytest.mark.integration
+def test_an_exhausted_quota_stops_the_run_at_once(tmp_path, server):
+    write_answers(tmp_path)
+    server.script(Reply(status=429, body={"error": {"message": "You exceeded your current quota",
+                                                    "type": "insufficient_quota", "code": "insufficient_quota"}}))
+    with pytest.raises(RaygptError, match="quota is used up"):
+        run_judge(make_spec(tmp_path, server, "judge.concurrency=1"), Storage(), quiet())
+    # No retries: at most the one call the worker had already started, of 12.
+    assert len(server.chat_requests) <= 2
+
+
+@pytest.mark.integration
+def test_a_refused_setting_stops_the_run_naming_the_key(tmp_path, server):
+    write_answers(tmp_path)
+    refusal = {"error": {"message": "Unsupported value: 'temperature' does not support 0 with this model.",
+                         "type": "invalid_request_error", "param": "temperature"}}
+    server.script(*[Reply(status=400, body=refusal)] * 3)
+    spec = make_spec(tmp_path, server, "judge.concurrency=1", "judge.structured_output=false")
+    with pytest.raises(RaygptError, match="refuses temperature for model 'judge-1'.*change judge.temperature"):
+        run_judge(spec, Storage(), quiet())
+    assert len(server.chat_requests) <= 2
+
+
+@pytest.mark.integration
 def test_position_bias_is_measured(tmp_path):
     quality = {"m40": 40, "m50": 50, "m60": 60}
     write_answers(tmp_path, quality)
@@ -320,6 +365,19 @@ def test_single_mode_sends_the_books_prompt_per_answer(tmp_path, server):
     assert {m: by_model(summary)[m]["mean"] for m in QUALITY} == QUALITY
     assert summary["anchors"][REFERENCE_ANCHOR]["mean"] == REFERENCE_SCORE
     assert summary["position_bias"] is None
+
+
+@pytest.mark.integration
+def test_identical_prompts_are_asked_once(tmp_path, server):
+    paths = write_answers(tmp_path, n_items=3)
+    mute = json.loads(paths[2].read_text())
+    for item in mute["items"]:
+        item["response"] = ""  # in single mode, the same prompt as the empty anchor's
+    paths[2].write_text(json.dumps(mute))
+    summary = run_judge(make_spec(tmp_path, server, "judge.mode=single", "judge.passes=1"), Storage(), quiet())
+    assert len(server.chat_requests) == 3 * (3 + 2) - 3
+    assert by_model(summary)["weak"]["mean"] == EMPTY_SCORE == summary["anchors"][EMPTY_ANCHOR]["mean"]
+    assert summary["calls"]["made"] == 12 and summary["calls"]["cache_hits"] == 3
 
 
 @pytest.mark.integration
@@ -368,6 +426,14 @@ def test_missing_key_is_one_error_before_any_request(tmp_path, server, monkeypat
     with pytest.raises(RaygptError, match=r"\$OPENAI_API_KEY is not set"):
         run_judge(make_spec(tmp_path, server), Storage(), quiet())
     assert server.requests == []
+
+
+@pytest.mark.integration
+def test_a_local_server_needs_no_key(tmp_path, server, monkeypatch):
+    write_answers(tmp_path, n_items=1)
+    monkeypatch.delenv("OPENAI_API_KEY")
+    summary = run_judge(make_spec(tmp_path, server, "judge.api_key_env=''"), Storage(), quiet())
+    assert summary["calls"]["made"] == 2 and summary["calls"]["failed"] == 0
 
 
 @pytest.mark.integration
