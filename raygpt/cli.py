@@ -97,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("submit", help="submit a run spec as a Ray job and follow its logs")
     _spec_args(p)
     p.add_argument("--address", default=None, help="Ray dashboard address (default: $RAY_ADDRESS or http://127.0.0.1:8265)")
-    p.add_argument("--verb", default=None, help="stage to run (default: from the spec's file name, else train)")
+    # dest "stage": "verb" is the subcommand's own dest, which the CLI's error messages name.
+    p.add_argument("--verb", dest="stage", default=None, choices=["train", "eval", "ift", "judge", "report", "data"],
+                   help="stage to run (default: from the spec's file name, else train)")
     p.add_argument("--no-follow", action="store_true", help="return after submitting")
     p.add_argument("--working-dir", default=None, metavar="DIR",
                    help="upload this folder with the job (it must hold the spec); default: the spec alone")

@@ -221,11 +221,13 @@ def _check_dashboard(address: str) -> Check:
     import ray
     import requests
 
-    from raygpt.jobs import job_client, resolve_address
+    from raygpt.jobs import find_auth_token, job_client, resolve_address
 
     url = resolve_address(address)
     client = job_client(url)  # unreachable, or token refused: a RaygptError, reported as a FAIL
-    version = requests.get(f"{url}/api/version", timeout=10).json()["ray_version"]
+    token = find_auth_token()
+    headers = {"Authorization": f"Bearer {token.value}"} if token else {}
+    version = requests.get(f"{url}/api/version", headers=headers, timeout=10).json()["ray_version"]
     if version != ray.__version__:
         return Check("ray cluster", "FAIL", f"{url}: the cluster runs Ray {version}, this client {ray.__version__}: "
                                             "nodes and clients must run the same Ray")

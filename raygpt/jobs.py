@@ -228,10 +228,10 @@ def cluster_local_paths(spec: RunSpec, verb: str) -> list[str]:
 def submit_command(args) -> int:
     from rich.console import Console
 
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     spec_path = Path(args.spec)
     spec = load_spec(spec_path, args.overrides)  # a bad spec fails here, before anything is sent
-    verb = verb_for(spec_path, args.verb)
+    verb = verb_for(spec_path, args.stage)
     url = resolve_address(args.address)
     token = find_auth_token()
     client = job_client(url)
@@ -259,11 +259,23 @@ def submit_command(args) -> int:
                     runtime_env={"working_dir": str(working_dir)},
                     metadata={"raygpt_verb": verb, "raygpt_run": spec.name, "raygpt_spec": relpath},
                 )
-        console.print(f"submitted [bold]{job_id}[/] to {url}: {entrypoint}")
-    if args.no_follow:
-        console.print(f"follow it with `raygpt jobs logs {job_id} --follow`")
-        return 0
-    return follow(client, url, token, job_id, console)
+    try:  # from here on the job exists: Ctrl-C detaches from it, whenever it comes
+        if not active:
+            console.print(f"submitted [bold]{job_id}[/] to {url}: {entrypoint}")
+        if args.no_follow:
+            console.print(f"follow it with `raygpt jobs logs {job_id} --follow`")
+            return 0
+        return follow(client, url, token, job_id, console)
+    except KeyboardInterrupt:
+        return _detached(job_id, console)
+
+
+def _detached(job_id: str, console: Any) -> int:
+    console.print(f"\n[yellow]detached: {job_id} is still running on the cluster.[/]\n"
+                  f"  follow again:  raygpt jobs logs {job_id} --follow\n"
+                  f"  status:        raygpt jobs status {job_id}\n"
+                  f"  stop it:       raygpt jobs stop {job_id}")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,19 +286,16 @@ def follow(client: Any, url: str, token: AuthToken | None, job_id: str, console:
     """Stream the job's logs until it ends; 0 when it succeeded. Ctrl-C detaches and leaves it running."""
     started = time.monotonic()
     try:
-        with console.status(f"{job_id}: following logs (Ctrl-C detaches; the job keeps running)") as status:
-            asyncio.run(_stream_logs(client, job_id, console, status, started))
+        try:
+            with console.status(f"{job_id}: following logs (Ctrl-C detaches; the job keeps running)") as status:
+                asyncio.run(_stream_logs(client, job_id, console, status, started))
+        except RuntimeError as e:
+            # The log stream breaks when the head goes away (a preempted cluster) or the job is gone.
+            console.print(f"[red]lost the log stream of {job_id}: {str(e).splitlines()[0] if str(e) else e!r}[/]")
+        with explained(url, token, job_id):
+            info = client.get_job_info(job_id)
     except KeyboardInterrupt:
-        console.print(f"\n[yellow]detached: {job_id} is still running on the cluster.[/]\n"
-                      f"  follow again:  raygpt jobs logs {job_id} --follow\n"
-                      f"  status:        raygpt jobs status {job_id}\n"
-                      f"  stop it:       raygpt jobs stop {job_id}")
-        return 0
-    except RuntimeError as e:
-        # The log stream breaks when the head goes away (a preempted cluster) or the job is gone.
-        console.print(f"[red]lost the log stream of {job_id}: {str(e).splitlines()[0] if str(e) else e!r}[/]")
-    with explained(url, token, job_id):
-        info = client.get_job_info(job_id)
+        return _detached(job_id, console)
     return report_end(info, job_id, time.monotonic() - started, console)
 
 
@@ -304,7 +313,9 @@ async def _stream_logs(client: Any, job_id: str, console: Any, status: Any, star
 def report_end(info: Any, job_id: str, elapsed_s: float, console: Any) -> int:
     state = str(info.status)
     colour = {"SUCCEEDED": "green", "FAILED": "red", "STOPPED": "yellow"}.get(state, "cyan")
-    message = f": {info.message}" if info.message and state != "SUCCEEDED" else ""
+    # Ray appends the last logs to a failed job's message; they were just shown above.
+    first_line = (info.message or "").strip().splitlines()[0] if (info.message or "").strip() else ""
+    message = f": {first_line.rstrip(',:')}" if first_line and state != "SUCCEEDED" else ""
     console.print(f"[{colour}]{job_id} {state}[/] after {elapsed_s:,.0f} s{message}")
     if state == "FAILED":
         console.print(f"  all logs: raygpt jobs logs {job_id}")
@@ -328,7 +339,7 @@ def resolve_job_id(client: Any, job_ref: str, verb: str | None = None) -> str:
 def jobs_command(args) -> int:
     from rich.console import Console
 
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     url = resolve_address(args.address)
     token = find_auth_token()
     client = job_client(url)
