@@ -165,6 +165,10 @@ class TrainConfig:
     fail_at_step: int | None = None
     """Fault injection for tests: the last worker exits hard at this step, once per run."""
 
+    stop_at_step: int | None = None
+    """End this session after this many steps (with a checkpoint) while the LR schedule still
+    follows ``max_steps``; starting the run again continues it. None: train to ``max_steps``."""
+
 
 @dataclass
 class CheckpointConfig:
@@ -192,6 +196,10 @@ class EvalConfig:
 
     max_tokens: int | None = None
     """Evaluate only the first this many test tokens. None: the whole test split."""
+
+    seq_len: int | None = None
+    """Tokens per test window, the same for every model. None: the shortest context length
+    among the models evaluated together."""
 
     output: str | None = None
     """Where ``test_loss.json`` goes. None: ``<storage_path>/eval``."""
@@ -372,6 +380,12 @@ def check_spec(spec: RunSpec) -> list[str]:
             problems.append(f"train.{key}: must be positive, got {getattr(t, key)}")
     if t.lr <= 0:
         problems.append(f"train.lr: must be positive, got {t.lr}")
+    for key in ("max_steps", "seq_len", "fail_at_step", "stop_at_step"):
+        if getattr(t, key) is not None and getattr(t, key) <= 0:
+            problems.append(f"train.{key}: must be positive, got {getattr(t, key)}")
+    for key in ("batch_size", "max_tokens", "seq_len"):
+        if getattr(spec.eval, key) is not None and getattr(spec.eval, key) <= 0:
+            problems.append(f"eval.{key}: must be positive, got {getattr(spec.eval, key)}")
     if not 0 <= spec.model.dropout < 1:
         problems.append(f"model.dropout: must be in [0, 1), got {spec.model.dropout}")
     if spec.checkpoint.keep < 1:

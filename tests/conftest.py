@@ -40,3 +40,27 @@ def ray_local(s3_server):
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(s3_server, tmp_path_factory):
+    """A prepared dataset in the test store (``s3://raygpt-test/datasets/tiny``): synthetic text,
+    about 64k train tokens in two shards and 4k each of val and test; prepared once per session."""
+    import random
+
+    from raygpt.config import load_spec
+    from raygpt.data import prepare
+    from raygpt.storage import Storage
+
+    os.environ.update(s3_server.env())
+    rng = random.Random(0)
+    vocabulary = [("".join(rng.choice("etaoinshrdlucmfw") for _ in range(rng.randint(2, 8)))) for _ in range(400)]
+    paragraphs = [" ".join(rng.choice(vocabulary) for _ in range(rng.randint(20, 60))) + "." for _ in range(3000)]
+    corpus = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    corpus.write_text("\n\n".join(paragraphs))
+    uri = f"s3://{BUCKET}/datasets/tiny"
+    spec = load_spec(None, [f"data.source={corpus}", f"data.output={uri}", "data.txt_documents=paragraphs",
+                            "data.tokens=65536", "data.shard_tokens=32768", "data.val_tokens=4096",
+                            "data.test_tokens=4096", "data.heldout_permille=100", "data.num_proc=1"])
+    prepare(spec, Storage())
+    return uri

@@ -1,0 +1,139 @@
+"""Test loss: every model scored on the same fixed windows of the held-out test split.
+
+``raygpt eval SPEC [--model REF]...`` runs one Ray task per model (a GPU each when the cluster
+has GPUs). All models read the same windows: the first ``eval.max_tokens`` test tokens cut
+into non-overlapping windows of one length (``eval.seq_len``, else the shortest context
+among the models), so losses are comparable across architectures and runs. The mean token
+loss is computed in fp32 in a fixed order, so a rerun gives the same number.
+Results go to ``<eval.output or storage_path/eval>/test_loss.json``, merged with earlier
+results on the same dataset, and are shown as a table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterable
+
+import torch
+
+from raygpt.checkpoint import describe_model, load_model
+from raygpt.config import RunSpec, load_spec
+from raygpt.errors import RaygptError
+from raygpt.storage import Storage, join
+
+RESULTS_FILE = "test_loss.json"
+
+
+@torch.no_grad()
+def token_loss_sums(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                    device: torch.device | str, autocast: Callable[[], Any] = contextlib.nullcontext) -> tuple[float, int]:
+    """(sum of per-token cross-entropies, number of tokens) of ``model`` over ``batches``.
+
+    Sums rather than a mean, so shares computed by several workers combine exactly.
+    """
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with autocast():
+            _, loss = model(x, y)
+        n = int((y != -100).sum())
+        total += loss.double() * n
+        count += n
+    model.train(was_training)
+    return float(total), count
+
+
+def model_test_loss(ref: str, spec: RunSpec, storage: Storage, seq_len: int) -> dict[str, Any]:
+    """Mean token loss of one model over the fixed test windows (runs inside a Ray task)."""
+    from raygpt.data import eval_batches
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, info = load_model(ref, spec, storage, device)
+    batches = eval_batches(spec.eval.dataset, storage, "test", seq_len, spec.eval.batch_size,
+                           max_tokens=spec.eval.max_tokens)
+    total, count = token_loss_sums(model, batches, device)
+    return {"model": info["id"], "ref": ref, "test_loss": total / count, "tokens": count,
+            "params": info["params"], "step": info["step"], "trained_tokens": info["tokens"],
+            "checkpoint": info["checkpoint"], "device": str(device)}
+
+
+def evaluate(spec: RunSpec, models: list[str], address: str | None = None, num_cpus: int | None = None) -> dict[str, Any]:
+    """Score ``models`` on the test split and write ``test_loss.json``; returns its contents."""
+    import ray
+
+    from raygpt.cluster import cluster_has_gpus, connect
+    from raygpt.data import count_eval_windows, load_manifest, manifest_hash
+
+    if not models:
+        raise RaygptError("eval.models: no models to evaluate; list them in the spec or pass --model REF")
+    storage = Storage.from_config(spec.storage)
+    output = spec.eval.output or join(spec.storage_path, "eval")
+    storage.check_access(output, write=True)
+    manifest = load_manifest(spec.eval.dataset, storage)
+    # Every model's architecture (and folder) now, so a typo fails before any task starts.
+    configs = {ref: describe_model(ref, spec, storage)[0] for ref in models}
+    seq_len = spec.eval.seq_len or min(c.context_length for c in configs.values())
+    too_short = [ref for ref, c in configs.items() if c.context_length < seq_len]
+    if too_short:
+        raise RaygptError(f"eval.seq_len: {seq_len} exceeds the context length of {', '.join(too_short)}")
+    windows = count_eval_windows(manifest, "test", seq_len, spec.eval.max_tokens)
+    if windows == 0:
+        raise RaygptError(f"{spec.eval.dataset}: the test split has {manifest['splits']['test']['tokens']:,} tokens, "
+                          f"fewer than one window of {seq_len + 1}")
+
+    connect(address, num_cpus)
+    gpus = cluster_has_gpus()
+    task = ray.remote(model_test_loss).options(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=1)
+    pending = [task.remote(ref, spec, storage, seq_len) for ref in models]
+    try:
+        results = ray.get(pending)
+    except ray.exceptions.RayTaskError as e:
+        cause = e.cause if isinstance(getattr(e, "cause", None), RaygptError) else None
+        if cause is not None:
+            raise RaygptError(str(cause)) from None
+        raise RaygptError(f"evaluation failed: {str(e).strip().splitlines()[-1]}") from None
+
+    digest = manifest_hash(manifest)
+    uri = join(output, RESULTS_FILE)
+    previous = storage.read_json(uri) if storage.exists(uri) else None
+    kept = []
+    if previous and previous.get("manifest_sha256") == digest and previous.get("seq_len") == seq_len \
+            and previous.get("test_tokens") == windows * seq_len:
+        evaluated = {r["ref"] for r in results}
+        kept = [r for r in previous.get("results", []) if r["ref"] not in evaluated]
+    document = {"dataset": spec.eval.dataset, "manifest_sha256": digest, "split": "test", "seq_len": seq_len,
+                "test_tokens": windows * seq_len, "results": sorted(kept + results, key=lambda r: r["test_loss"])}
+    storage.write_json(uri, document)
+    return {**document, "uri": uri}
+
+
+def show_results(document: dict[str, Any], console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title=f"test loss on {document['test_tokens']:,} tokens of {document['dataset']} "
+                        f"(windows of {document['seq_len']})")
+    for column in ("model", "params", "step", "trained tokens", "test loss"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for r in document["results"]:
+        table.add_row(r["model"], f"{r['params'] / 1e6:,.2f}M", _or_dash(r.get("step")),
+                      _or_dash(r.get("trained_tokens")), f"{r['test_loss']:.4f}")
+    console.print(table)
+
+
+def _or_dash(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) else "-"
+
+
+def eval_command(args) -> int:
+    """``raygpt eval SPEC [--model REF]...``."""
+    spec = load_spec(args.spec, args.overrides)
+    models = list(args.models) if args.models else list(spec.eval.models)
+    document = evaluate(spec, models, address=args.address, num_cpus=args.num_cpus)
+    show_results(document)
+    print(f"results: {document['uri']}")
+    return 0
