@@ -212,17 +212,19 @@ def stage_working_dir(spec_path: Path, working_dir: str | None, staging: Path) -
 
 
 def cluster_local_paths(spec: RunSpec, verb: str) -> list[str]:
-    """Relative local paths the job would resolve on the cluster, inside its temporary working
-    directory, where nothing outlives the job: worth a warning."""
+    """The spec's relative local paths that this stage reads or writes. On the cluster they
+    resolve inside the job's temporary working directory, where nothing outlives the job."""
     keys = {"storage_path": spec.storage_path}
-    if verb == "train":
-        keys["train.dataset"] = spec.train.dataset
-    elif verb == "eval":
-        keys["eval.dataset"] = spec.eval.dataset
-    elif verb == "data":
-        keys["data.output"] = spec.data.output
+    keys.update({
+        "train": {"train.dataset": spec.train.dataset},
+        "eval": {"eval.dataset": spec.eval.dataset, "eval.output": spec.eval.output},
+        "ift": {"ift.output": spec.ift.output},
+        "judge": {"judge.output": spec.judge.output},
+        "report": {"report.output": spec.report.output},
+        "data": {"data.output": spec.data.output},
+    }[verb])
     return [f"{key}: {value}" for key, value in keys.items()
-            if "://" not in value and not Path(value).expanduser().is_absolute()]
+            if value and "://" not in value and not Path(value).expanduser().is_absolute()]
 
 
 def submit_command(args) -> int:
@@ -253,12 +255,9 @@ def submit_command(args) -> int:
             working_dir, relpath = stage_working_dir(spec_path, getattr(args, "working_dir", None), Path(staging))
             entrypoint = entrypoint_for(verb, relpath, args.overrides)
             with explained(url, token, job_id):
-                client.submit_job(
-                    entrypoint=entrypoint,
-                    submission_id=job_id,
-                    runtime_env={"working_dir": str(working_dir)},
-                    metadata={"raygpt_verb": verb, "raygpt_run": spec.name, "raygpt_spec": relpath},
-                )
+                submit_when_ready(client, console, entrypoint=entrypoint, submission_id=job_id,
+                                  runtime_env={"working_dir": str(working_dir)},
+                                  metadata={"raygpt_verb": verb, "raygpt_run": spec.name, "raygpt_spec": relpath})
     try:  # from here on the job exists: Ctrl-C detaches from it, whenever it comes
         if not active:
             console.print(f"submitted [bold]{job_id}[/] to {url}: {entrypoint}")
@@ -268,6 +267,21 @@ def submit_command(args) -> int:
         return follow(client, url, token, job_id, console)
     except KeyboardInterrupt:
         return _detached(job_id, console)
+
+
+def submit_when_ready(client: Any, console: Any, timeout_s: float = 60.0, **job: Any) -> None:
+    """``client.submit_job(**job)``, waiting while a freshly started head has no job agent yet
+    (Ray answers 500 "No available agent" for the first seconds after `ray up`)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.submit_job(**job)
+            return
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            console.print("the head's job agent is still starting; retrying in 2 s", style="dim")
+            time.sleep(2)
 
 
 def _detached(job_id: str, console: Any) -> int:
@@ -371,18 +385,21 @@ def jobs_command(args) -> int:
 def print_jobs(jobs: list[Any], console: Any) -> None:
     from rich.table import Table
 
-    table = Table(box=None, header_style="bold")
-    for column in ("submission id", "status", "started", "duration", "entrypoint", "message"):
-        table.add_column(column)
-    colours = {"SUCCEEDED": "green", "FAILED": "red", "STOPPED": "yellow", "RUNNING": "cyan", "PENDING": "cyan"}
-    for job in sorted(jobs, key=lambda j: j.start_time or 0):
-        state = str(job.status)
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.start_time / 1000)) if job.start_time else ""
-        end = job.end_time or (time.time() * 1000 if job.start_time else None)
-        duration = f"{(end - job.start_time) / 1000:,.0f} s" if job.start_time and end else ""
-        table.add_row(job.submission_id or job.job_id or "", f"[{colours.get(state, 'white')}]{state}[/]", started,
-                      duration, job.entrypoint, (job.message or "")[:80])
     if not jobs:
         console.print("no jobs on this cluster")
         return
+    table = Table(box=None, header_style="bold")
+    for column in ("submission id", "status", "started", "duration"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("entrypoint / message", overflow="fold")
+    colours = {"SUCCEEDED": "green", "FAILED": "red", "STOPPED": "yellow", "RUNNING": "cyan", "PENDING": "cyan"}
+    for job in sorted(jobs, key=lambda j: j.start_time or 0):
+        state = str(job.status)
+        started = time.strftime("%b %d %H:%M", time.localtime(job.start_time / 1000)) if job.start_time else ""
+        end = job.end_time or (time.time() * 1000 if job.start_time else None)
+        duration = f"{(end - job.start_time) / 1000:,.0f} s" if job.start_time and end else ""
+        lines = (job.message or "").strip().splitlines()
+        detail = job.entrypoint if state in ("SUCCEEDED", *ACTIVE) or not lines else f"{job.entrypoint}\n{lines[0]}"
+        table.add_row(job.submission_id or job.job_id or "", f"[{colours.get(state, 'white')}]{state}[/]", started,
+                      duration, detail)
     console.print(table)

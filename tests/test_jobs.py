@@ -146,6 +146,15 @@ def test_only_the_spec_is_uploaded_at_its_relative_path(tmp_path, monkeypatch):
         stage_working_dir(SPECS / "train-tiny.yaml", str(tmp_path), tmp_path / "unused")
 
 
+def test_relative_paths_that_would_vanish_with_the_job_are_named():
+    from raygpt.jobs import cluster_local_paths
+
+    spec = load_spec(JOBS / "report.yaml")
+    assert cluster_local_paths(spec, "report") == ["report.output: report"]
+    assert cluster_local_paths(load_spec(JOBS / "train-gpt2-small-fineweb.yaml"), "train") == []
+    assert cluster_local_paths(load_spec(None), "train") == ["storage_path: runs", "train.dataset: data/fineweb"]
+
+
 def test_a_bad_spec_fails_before_anything_is_sent(tmp_path, capsys):
     bad = tmp_path / "train-bad.yaml"
     bad.write_text("name: x\ntrain:\n  lrr: 1\n")
