@@ -102,9 +102,8 @@ def job_client(address: str | None = None) -> Any:
     token = find_auth_token()
     headers = {"Authorization": f"Bearer {token.value}"} if token else {}
     with explained(url, token):
-        client = JobSubmissionClient(url, headers=headers)
-        client.list_jobs()  # the version check above is unauthenticated; this one is not
-    return client
+        # Its version check is an authenticated request: a wrong or missing token fails here.
+        return JobSubmissionClient(url, headers=headers)
 
 
 class explained:

@@ -198,7 +198,7 @@ def _processes_with_env(marker: bytes) -> list[int]:
     """Pids whose environment holds ``marker``: exactly the processes our head started."""
     pids = []
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
             try:
                 if marker in (entry / "environ").read_bytes():
                     pids.append(int(entry.name))
