@@ -120,6 +120,10 @@ def check_state_shapes(own: dict[str, torch.Size], saved: dict[str, torch.Size],
                        expected: str, hint: str = RESUME_HINT) -> None:
     """Raise a RaygptError naming the first tensor of ``saved`` missing from, extra to, or shaped
     unlike ``own`` (the model ``expected`` describes)."""
+    for name, shape in saved.items():
+        if name in own and tuple(shape) != tuple(own[name]):
+            raise RaygptError(f"checkpoint {where} holds {name} of shape {tuple(shape)} but {expected} "
+                              f"expects {tuple(own[name])}: {hint}")
     missing = [k for k in own if k not in saved]
     unexpected = [k for k in saved if k not in own]
     if missing or unexpected:
@@ -129,10 +133,6 @@ def check_state_shapes(own: dict[str, torch.Size], saved: dict[str, torch.Size],
         if unexpected:
             parts.append(f"holds unexpected {_some(unexpected)}")
         raise RaygptError(f"checkpoint {where} {' and '.join(parts)}, so it does not fit {expected}: {hint}")
-    for name, shape in saved.items():
-        if tuple(shape) != tuple(own[name]):
-            raise RaygptError(f"checkpoint {where} holds {name} of shape {tuple(shape)} but {expected} "
-                              f"expects {tuple(own[name])}: {hint}")
 
 
 def _some(names: list[str]) -> str:

@@ -1,0 +1,133 @@
+"""Checkpoints: every component round-trips so training continues bitwise; loading models by
+run name or folder (local and S3), newest complete checkpoint first, shape errors that name
+the tensor."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from raygpt.checkpoint import (load_model, load_state_dict_checked, load_training_checkpoint, model_id,
+                               save_model_dir, save_training_checkpoint)
+from raygpt.config import load_spec
+from raygpt.errors import RaygptError
+from raygpt.model import GPT, PRESETS, GPTConfig
+from raygpt.schedule import WarmupCosine
+from raygpt.storage import Storage, join
+from raygpt.train import RngState, TrainerState, choose_precision, seed_everything
+
+CONFIG = GPTConfig(vocab_size=97, context_length=16, n_layer=2, n_head=2, n_embd=16, dropout=0.1)
+
+
+class Trainer:
+    """Just the components of one rank, and a step whose batch depends on the step alone."""
+
+    def __init__(self, init_seed: int):
+        spec = load_spec(None, ["model.preset=tiny"])
+        seed_everything(init_seed)
+        self.model = GPT(CONFIG)
+        self.optimizer = self.model.configure_optimizer(1e-2, 0.1, (0.9, 0.95), "cpu")
+        self.schedule = WarmupCosine(1e-2, 2, 6, 0.1)
+        self.state = TrainerState(self.schedule, choose_precision("fp32", torch.device("cpu")).scaler, 7, spec, 1)
+        self.rng = RngState()
+        seed_everything(init_seed + 1)  # dropout stream
+
+    def step(self) -> float:
+        data = torch.Generator().manual_seed(1000 + self.state.step)
+        x = torch.randint(0, CONFIG.vocab_size, (4, 16), generator=data)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.schedule.lr_at(self.state.step)
+        _, loss = self.model(x, x.roll(-1, dims=1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.advance(64)
+        return loss.item()
+
+    def components(self) -> dict:
+        return dict(model=self.model, optimizer=self.optimizer, trainer=self.state, rng=self.rng)
+
+
+def test_training_continues_bitwise_from_a_checkpoint(tmp_path):
+    uninterrupted = Trainer(init_seed=1)
+    expected = [uninterrupted.step() for _ in range(6)]
+
+    first = Trainer(init_seed=1)
+    losses = [first.step() for _ in range(3)]
+    save_training_checkpoint(tmp_path, 0, **first.components())
+    # Another process: other initial weights and RNG streams, all replaced by the checkpoint.
+    second = Trainer(init_seed=99)
+    found_rng = load_training_checkpoint(tmp_path, 0, **second.components(), expected="the test model", where="t")
+    assert found_rng and (second.state.step, second.state.tokens_seen) == (3, 192)
+    losses += [second.step() for _ in range(3)]
+    assert losses == expected
+    assert not load_training_checkpoint(tmp_path, 1, **second.components(), expected="x", where="t")
+
+
+def test_a_checkpoint_of_another_shape_names_the_tensor():
+    nano = GPT(PRESETS["nano"])
+    tiny_weights = GPT(PRESETS["tiny"]).state_dict()
+    with pytest.raises(RaygptError, match=r"checkpoint run/checkpoint_00000004 holds transformer.wte.weight of shape "
+                                          r"\(50257, 32\) but model.preset 'nano' expects \(50257, 128\)"):
+        load_state_dict_checked(nano, tiny_weights, where="run/checkpoint_00000004", expected="model.preset 'nano'")
+    with_bias = GPT(GPTConfig(**{**CONFIG.__dict__, "qkv_bias": True}))
+    with pytest.raises(RaygptError, match=r"lacks transformer.h.0.attn.c_attn.bias, transformer.h.1.attn.c_attn.bias"):
+        load_state_dict_checked(with_bias, GPT(CONFIG).state_dict(), where="c", expected="the spec's model")
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.integration)])
+def runs_root(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "runs")
+    request.getfixturevalue("s3_env")
+    return f"s3://raygpt-test/checkpoints-{os.urandom(4).hex()}"
+
+
+def write_checkpoint(root: str, run: str, trainer: Trainer, local_dir) -> str:
+    name = f"checkpoint_{trainer.state.step:08d}"
+    save_training_checkpoint(local_dir / name, 0, **trainer.components())
+    Storage().upload(local_dir / name, join(root, run, name))
+    return join(root, run, name)
+
+
+def test_load_model_takes_the_newest_complete_checkpoint(runs_root, tmp_path):
+    storage = Storage()
+    spec = load_spec(None, [f"storage_path={runs_root}"])
+    trainer = Trainer(init_seed=3)
+    trainer.step()
+    trainer.step()
+    write_checkpoint(runs_root, "demo", trainer, tmp_path)
+    trainer.step()
+    newest = write_checkpoint(runs_root, "demo", trainer, tmp_path)
+    expected_logits = trainer.model.eval()(torch.arange(16)[None])[0]
+    trainer.step()
+    cut_off = write_checkpoint(runs_root, "demo", trainer, tmp_path)
+    storage.write_bytes(join(cut_off, "model.pt"), b"half an upload")  # a size that trainer_state.json disowns
+
+    for ref in ("demo", join(runs_root, "demo"), newest):
+        model, info = load_model(ref, spec, storage)
+        assert (info["step"], info["tokens"], info["checkpoint"]) == (3, 192, newest)
+        assert info["params"] == model.num_params() and not model.training
+        assert torch.equal(model(torch.arange(16)[None])[0], expected_logits)
+    assert load_model(newest, spec, storage)[1]["id"] == "demo-checkpoint_00000003"
+    with pytest.raises(RaygptError, match=r"model 'nothing-here': no checkpoint found at .*nothing-here"):
+        load_model("nothing-here", spec, storage)
+
+
+def test_model_only_folder_round_trip(tmp_path):
+    spec = load_spec(None, [f"storage_path={tmp_path}"])
+    model = GPT(CONFIG).eval()
+    save_model_dir(model, model.config, tmp_path / "ift" / "finetuned")
+    loaded, info = load_model(str(tmp_path / "ift" / "finetuned"), spec, Storage())
+    x = torch.arange(16)[None]
+    assert torch.equal(loaded(x)[0], model(x)[0]) and loaded.config == CONFIG
+    assert (info["id"], info["step"], info["tokens"]) == ("finetuned", None, None)
+
+
+def test_model_ids_are_short_and_filesystem_safe():
+    assert model_id("openai:gpt2-medium") == "openai-gpt2-medium"
+    assert model_id("gpt2-small-fineweb") == "gpt2-small-fineweb"
+    assert model_id("s3://bucket/runs/small/checkpoint_00001000/") == "small-checkpoint_00001000"
