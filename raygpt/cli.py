@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default=None, help="corpus: a local path, fineweb, or stdlib (default: try fineweb, else stdlib)")
     p.add_argument("--endpoint", default=None, help="use this S3 endpoint instead of starting SeaweedFS")
     p.add_argument("--bucket", default="raygpt-quickstart", help="bucket for data and checkpoints")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting of the embedded spec (raygpt/presets/quickstart.yaml), "
+                        "e.g. --set train.max_steps=200")
     p.set_defaults(handler="raygpt.quickstart:quickstart_command")
 
     p = verbs.add_parser("submit", help="submit a run spec as a Ray job and follow its logs")

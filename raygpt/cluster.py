@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import ray
 
@@ -19,7 +20,25 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        _start_local(num_cpus)
+
+
+def _start_local(num_cpus: int | None) -> None:
+    """A fresh local instance with its dashboard on loopback.
+
+    Ray Train's controller is watched through the State API, which the dashboard serves. The
+    instance's processes inherit ``RAY_ADDRESS`` pointing at that dashboard, so they query
+    their own instance even when other instances run on this machine.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["RAY_ADDRESS"] = f"http://127.0.0.1:{port}"  # unset here: connect() came this way
+    try:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=port, log_to_driver=True)
+    finally:
+        del os.environ["RAY_ADDRESS"]  # this process is connected; a later connect() starts afresh
 
 
 def cluster_has_gpus() -> bool:

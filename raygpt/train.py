@@ -433,12 +433,23 @@ def due(step: int, interval: int) -> bool:
     return interval > 0 and step % interval == 0
 
 
+def quiet_report_logs() -> None:
+    """Ray Train logs every report at INFO under a logger named after its source file, outside
+    ``ray.train``, so ``LoggingConfig`` does not reach it; the driver's view shows reports already."""
+    import logging
+
+    from ray.train.v2._internal.execution import context as ray_train_context
+
+    logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The loop each Ray Train worker runs: step, report, validate, checkpoint."""
     import ray.train
     import ray.train.torch
 
     spec, plan = config["spec"], config["plan"]
+    quiet_report_logs()
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device() if plan.use_gpu else torch.device("cpu")
