@@ -51,6 +51,9 @@ def model_test_loss(ref: str, spec: RunSpec, storage: Storage, seq_len: int) -> 
     from raygpt.data import eval_batches
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # TF32 matmuls on GPUs: still deterministic, and their error averages out far below the
+    # differences between models over millions of tokens.
+    torch.backends.cuda.matmul.allow_tf32 = True
     model, info = load_model(ref, spec, storage, device)
     batches = eval_batches(spec.eval.dataset, storage, "test", seq_len, spec.eval.batch_size,
                            max_tokens=spec.eval.max_tokens)

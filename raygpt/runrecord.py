@@ -193,7 +193,7 @@ class RunRecord:
             "hardware": hardware,
             "final": None,
         }
-        previous = self._previous()
+        previous = self.previous()
         if previous is not None:
             # A resumed run keeps its first start time and counts its sessions.
             self.record["started"] = previous.get("started", self.record["started"])
@@ -201,7 +201,7 @@ class RunRecord:
         else:
             self.record["sessions"] = 1
 
-    def _previous(self) -> dict[str, Any] | None:
+    def previous(self) -> dict[str, Any] | None:
         if not self.storage.exists(self.uri):
             return None
         try:

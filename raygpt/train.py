@@ -534,6 +534,15 @@ def check_resume(run_uri: str, spec: RunSpec, storage: Storage) -> dict[str, Any
     return storage.read_json(join(latest, TRAINER_STATE_FILE))
 
 
+def check_validation_split(manifest: dict[str, Any], plan: TrainPlan, spec: RunSpec) -> None:
+    from raygpt.data import count_eval_windows
+
+    if spec.train.val_interval > 0 and count_eval_windows(manifest, "val", plan.seq_len, spec.train.val_tokens) == 0:
+        raise RaygptError(f"train.val_interval: the val split of {spec.train.dataset} has "
+                          f"{manifest['splits']['val']['tokens']:,} tokens, fewer than one sequence of "
+                          f"{plan.seq_len + 1}; prepare more val tokens or set train.val_interval: 0")
+
+
 def check_cluster(plan: TrainPlan, spec: RunSpec, started_locally: bool) -> None:
     import ray
 
@@ -639,7 +648,8 @@ class ProgressView:
             self.records.append(record)
         line = self._line(record)
         if self._progress is not None:
-            self._progress.update(self._task, completed=record["step"], stats=line)
+            if "loss" in record:
+                self._progress.update(self._task, completed=record["step"], stats=line)
             if "val_loss" in record or "checkpoint_stall_s" in record:
                 self._print(f"step {record['step']}: {line}")
         else:
@@ -684,6 +694,7 @@ def train(spec: RunSpec, address: str | None = None, num_cpus: int | None = None
     connect(address, num_cpus)
     use_gpu = spec.train.use_gpu if spec.train.use_gpu is not None else cluster_has_gpus()
     plan = plan_run(spec, manifest["splits"]["train"]["tokens"], use_gpu)
+    check_validation_split(manifest, plan, spec)
     check_cluster(plan, spec, started_locally)
     start_step = resume_state["step"] if resume_state else 0
 
@@ -697,7 +708,7 @@ def train(spec: RunSpec, address: str | None = None, num_cpus: int | None = None
                        hardware=hardware)
     if start_step >= plan.stop_step:
         print(f"raygpt train: {spec.name} is already at step {start_step} of {plan.stop_step}; nothing to do")
-        return record._previous() or record.record
+        return record.previous() or record.record
     record.write()
 
     queue = Queue(actor_options={"num_cpus": 0})

@@ -4,6 +4,7 @@ records, and exact resume after a killed worker or a whole new session."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -58,32 +59,80 @@ def test_plan_derives_accumulation_and_steps_from_the_token_budget():
         plan_run(spec, train_tokens=100_000, use_gpu=False)
 
 
+class ListQueue:
+    """The driver's side of the Ray queue the metrics arrive by."""
+
+    def __init__(self, records):
+        self.records = list(records)
+
+    def get(self, block=True, timeout=None):
+        from ray.util.queue import Empty
+
+        if not self.records:
+            raise Empty
+        return self.records.pop(0)
+
+
+def test_progress_view_on_a_terminal():
+    from io import StringIO
+
+    from rich.console import Console
+
+    from raygpt.train import ProgressView
+
+    plan = plan_run(load_spec(None, ["model.preset=tiny", "train.global_batch_tokens=1024", "train.max_steps=10"]),
+                    train_tokens=100_000, use_gpu=False)
+    console = Console(file=StringIO(), force_terminal=True, width=160)
+    records = [
+        {"step": 5, "loss": 9.5, "lr": 1e-3, "grad_norm": 0.9, "tokens_per_s": 12345.0, "mfu": 0.41,
+         "resumed_from_step": 0, "val_loss": 9.4},
+        {"step": 5, "checkpoint_stall_s": 0.25},
+        {"event": "worker_failure", "rank": 1, "error": "ActorDiedError: the worker died"},
+        {"step": 10, "loss": 9.0, "lr": 1e-4, "grad_norm": 0.8, "tokens_per_s": 12000.0, "mfu": None,
+         "resumed_from_step": 5},
+    ]
+    with ProgressView(plan, 0, ListQueue(records), console) as view:
+        pass
+    text = console.file.getvalue()
+    assert "step 5: loss 9.5000  lr 1.00e-03  grad 0.900  12,345 tok/s  MFU 41.0%  val 9.4000" in text
+    assert "checkpoint saved, stalled 0.25 s" in text
+    assert "worker 1 failed (ActorDiedError: the worker died); Ray Train restarts" in text
+    assert "resumed from step 5" in text and "10/10" in text
+    assert [r["step"] for r in view.records] == [5, 10] and len(view.failures) == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # Real runs: 2 workers, Gloo, the test store
 
 
 @pytest.fixture(scope="module")
-def reference(ray_local, tiny_dataset, tmp_path_factory):
-    """An uninterrupted run (local storage, synchronous uploads): the per-step losses to match."""
-    root = str(tmp_path_factory.mktemp("runs"))
-    spec = tiny_spec(root, tiny_dataset, "reference", "checkpoint.async_upload=false")
-    train(spec)
-    losses = step_losses(read_metrics(join(root, "reference"), Storage()))
-    assert sorted(losses) == list(range(1, MAX_STEPS + 1))
-    return losses
+def s3_run(ray_local, tiny_dataset):
+    """One uninterrupted run into the S3 store with asynchronous checkpoint uploads; its per-step
+    losses are what every interrupted run must reproduce."""
+    import contextlib
+    import io
+
+    root = f"s3://raygpt-test/runs-{os.urandom(4).hex()}"
+    spec = tiny_spec(root, tiny_dataset, "s3run")
+    driver_output = io.StringIO()
+    with contextlib.redirect_stdout(driver_output), contextlib.redirect_stderr(driver_output):
+        summary = train(spec)
+    records = read_metrics(join(root, "s3run"), Storage())
+    return {"spec": spec, "summary": summary, "run": join(root, "s3run"), "records": records,
+            "losses": step_losses(records), "driver_output": driver_output.getvalue()}
+
+
+@pytest.fixture(scope="module")
+def reference(s3_run):
+    return s3_run["losses"]
 
 
 @pytest.mark.integration
-def test_run_on_s3_with_async_checkpoints(reference, tiny_dataset, s3_server, capfd):
+def test_run_on_s3_with_async_checkpoints(s3_run, s3_server):
     storage = Storage()
-    root = f"s3://raygpt-test/runs-{id(reference)}"
-    spec = tiny_spec(root, tiny_dataset, "s3run")
-    summary = train(spec)
-    run = join(root, "s3run")
+    spec, summary, run, records = s3_run["spec"], s3_run["summary"], s3_run["run"], s3_run["records"]
 
-    # Same losses as the reference: async uploads and S3 change nothing about the maths.
-    records = read_metrics(run, storage)
-    assert step_losses(records) == reference
+    assert sorted(s3_run["losses"]) == list(range(1, MAX_STEPS + 1))  # the loss of every step
     assert records[-1]["loss"] < records[0]["loss"]
     assert [r["step"] for r in records] == [2, 3, 4, 6, 8]  # log interval 2, checkpoints at 3, 6, 8
     assert [r["step"] for r in records if "val_loss" in r] == [4, 8]
@@ -91,6 +140,7 @@ def test_run_on_s3_with_async_checkpoints(reference, tiny_dataset, s3_server, ca
     assert all(r["checkpoint_stall_s"] >= 0 for r in records if "checkpoint_stall_s" in r)
     first = records[0]
     assert first["resumed_from_step"] == 0 and first["world_size"] == 2 and len(first["devices"]) == 2
+    assert "step 8/8 loss" in s3_run["driver_output"]
 
     # Checkpoints: Ray Train keeps the last two, each holding every component.
     names = storage.list(run)
@@ -104,7 +154,7 @@ def test_run_on_s3_with_async_checkpoints(reference, tiny_dataset, s3_server, ca
     # The run record: how to reproduce the run, and what it reached.
     record = storage.read_json(join(run, "run.json"))
     assert summary["status"] == record["status"] == "finished"
-    assert record["spec"]["train"]["dataset"] == tiny_dataset and record["seeds"] == {"train": 1337}
+    assert record["spec"]["train"]["dataset"] == spec.train.dataset and record["seeds"] == {"train": 1337}
     assert len(record["dataset"]["manifest_sha256"]) == 64
     assert {"torch", "ray", "numpy", "pyarrow", "tiktoken"} <= set(record["packages"])
     assert record["plan"]["grad_accum_steps"] == 2 and record["hardware"]["workers"] == 2
@@ -120,8 +170,7 @@ def test_run_on_s3_with_async_checkpoints(reference, tiny_dataset, s3_server, ca
     secret = s3_server.secret_key
     assert secret not in storage.read_text(join(run, "run.json"))
     assert secret not in storage.read_text(join(run, "metrics.jsonl"))
-    out, err = capfd.readouterr()
-    assert secret not in out + err
+    assert secret not in s3_run["driver_output"]
     logs = Path(ray._private.worker.global_worker.node.get_session_dir_path()) / "logs"
     for path in logs.rglob("*"):
         if path.is_file():
@@ -129,27 +178,24 @@ def test_run_on_s3_with_async_checkpoints(reference, tiny_dataset, s3_server, ca
 
 
 @pytest.mark.integration
-def test_killed_worker_restarts_from_the_last_checkpoint_with_the_same_losses(reference, tiny_dataset, tmp_path):
-    spec = tiny_spec(str(tmp_path), tiny_dataset, "killed", "train.fail_at_step=5", "checkpoint.async_upload=false")
-    summary = train(spec)
-    records = read_metrics(str(tmp_path / "killed"), Storage())
-    assert step_losses(records) == reference  # bitwise: dropout masks, data order, optimizer all restored
-    resumed = [r["resumed_from_step"] for r in records if "resumed_from_step" in r]
-    assert resumed == [0, 3]  # the second attempt started from checkpoint_00000003
-    assert summary["restarts"] == 1 and summary["status"] == "finished"
+def test_a_run_interrupted_twice_computes_the_same_losses(reference, tiny_dataset, tmp_path):
+    """A lost cluster (the run is started again: Ray Train resumes it by name from storage),
+    then a lost worker (FailureConfig restarts the workers from the last checkpoint). Local
+    storage and synchronous uploads this time: neither changes the maths either."""
+    first = train(tiny_spec(str(tmp_path), tiny_dataset, "twice", "train.stop_at_step=3",
+                            "checkpoint.async_upload=false"))
+    assert first["status"] == "stopped" and first["final"]["step"] == 3 and first["sessions"] == 1
 
-
-@pytest.mark.integration
-def test_new_session_of_the_same_run_continues_from_storage(reference, tiny_dataset, tmp_path):
-    """A whole-cluster loss: the run is started again, and Ray Train resumes it by name."""
-    first = train(tiny_spec(str(tmp_path), tiny_dataset, "sessions", "train.stop_at_step=3"))
-    assert first["status"] == "stopped" and first["final"]["step"] == 3
-    second = train(tiny_spec(str(tmp_path), tiny_dataset, "sessions"))
-    assert second["status"] == "finished" and second["sessions"] == 2
-    records = read_metrics(str(tmp_path / "sessions"), Storage())
+    second = train(tiny_spec(str(tmp_path), tiny_dataset, "twice", "train.fail_at_step=5",
+                             "checkpoint.async_upload=false"))
+    assert second["status"] == "finished" and second["sessions"] == 2 and second["restarts"] == 1
+    records = read_metrics(str(tmp_path / "twice"), Storage())
+    # Bitwise: dropout masks, data order, optimizer and schedule all continue where they were.
     assert step_losses(records) == reference
+    # Session 1 from scratch; session 2 from checkpoint_00000003, and again after the kill at step 5.
     assert [r["resumed_from_step"] for r in records if "resumed_from_step" in r] == [0, 3]
-    again = train(tiny_spec(str(tmp_path), tiny_dataset, "sessions"))  # already done: no new session
+    assert [r["step"] for r in records] == [2, 3, 4, 6, 8]
+
+    again = train(tiny_spec(str(tmp_path), tiny_dataset, "twice"))  # already finished: nothing to do
     assert again["final"]["step"] == MAX_STEPS
-    run_json = json.loads((tmp_path / "sessions" / "run.json").read_text())
-    assert run_json["sessions"] == 2
+    assert json.loads((tmp_path / "twice" / "run.json").read_text())["sessions"] == 2
