@@ -80,7 +80,8 @@ def main() -> None:
     parser.add_argument("--preset", action="append", choices=sorted(PRESETS),
                         help="model preset (repeatable; default gpt2-small on GPU, tiny on CPU)")
     parser.add_argument("--micro-batch", type=int, default=None, help="sequences per step (default 16 GPU, 8 CPU)")
-    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default, and at most: the preset's context length)")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="tokens per sequence (default, and at most: the preset's context length)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])

@@ -26,7 +26,8 @@ RESULTS_FILE = "test_loss.json"
 
 @torch.no_grad()
 def token_loss_sums(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                    device: torch.device | str, autocast: Callable[[], Any] = contextlib.nullcontext) -> tuple[float, int]:
+                    device: torch.device | str,
+                    autocast: Callable[[], Any] = contextlib.nullcontext) -> tuple[float, int]:
     """(sum of per-token cross-entropies, number of tokens) of ``model`` over ``batches``.
 
     Sums rather than a mean, so shares computed by several workers combine exactly.
@@ -63,7 +64,8 @@ def model_test_loss(ref: str, spec: RunSpec, storage: Storage, seq_len: int) -> 
             "checkpoint": info["checkpoint"], "device": str(device)}
 
 
-def evaluate(spec: RunSpec, models: list[str], address: str | None = None, num_cpus: int | None = None) -> dict[str, Any]:
+def evaluate(spec: RunSpec, models: list[str], address: str | None = None,
+             num_cpus: int | None = None) -> dict[str, Any]:
     """Score ``models`` on the test split and write ``test_loss.json``; returns its contents."""
     import ray
 

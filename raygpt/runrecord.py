@@ -96,7 +96,8 @@ class MetricsLog(UserCallback):
         if checkpoint is not None:
             self.records[-1]["checkpoint"] = os.path.basename(checkpoint.path)
         now = time.monotonic()
-        if checkpoint is not None or "checkpoint_stall_s" in record or now - self._last_write > METRICS_WRITE_INTERVAL_S:
+        saved = checkpoint is not None or "checkpoint_stall_s" in record
+        if saved or now - self._last_write > METRICS_WRITE_INTERVAL_S:
             self.write()
         self._forward(record)
 
@@ -132,8 +133,8 @@ def git_commit() -> str | None:
     try:
         commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no", "--", "raygpt"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no", "--",
+                                "raygpt"], capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("+dirty" if dirty else "")

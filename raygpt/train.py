@@ -16,6 +16,7 @@ uninterrupted one (bitwise on CPU).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import random
@@ -28,15 +29,43 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import ray
+import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
+from ray.train import (
+    CheckpointConfig,
+    CheckpointUploadMode,
+    FailureConfig,
+    LoggingConfig,
+    RunConfig,
+    ScalingConfig,
+    TrainingFailedError,
+)
+from ray.train.torch import TorchTrainer
+from ray.util.queue import Empty, Queue
+from rich.console import Console
+from torch.nn.parallel import DistributedDataParallel
 
-from raygpt.checkpoint import (MODEL_CONFIG_FILE, TRAINER_STATE_FILE, check_state_shapes, checkpoint_dir_name,
-                               latest_checkpoint, load_training_checkpoint, model_config_from_dict,
-                               save_training_checkpoint, stored_size)
+from raygpt import __version__
+from raygpt.checkpoint import (
+    MODEL_CONFIG_FILE,
+    TRAINER_STATE_FILE,
+    check_state_shapes,
+    checkpoint_dir_name,
+    latest_checkpoint,
+    load_training_checkpoint,
+    model_config_from_dict,
+    save_training_checkpoint,
+    stored_size,
+)
+from raygpt.cluster import cluster_has_gpus, connect
 from raygpt.config import RunSpec, load_spec, spec_to_dict
+from raygpt.data import TrainBatches, count_eval_windows, eval_batches, load_manifest, manifest_hash
 from raygpt.errors import RaygptError
-from raygpt.model import GPT, GPTConfig, config_from_spec
+from raygpt.evaluate import token_loss_sums
+from raygpt.model import GPT, config_from_spec
 from raygpt.runrecord import MetricsLog, RunRecord, cpu_model, last_line, read_metrics
 from raygpt.schedule import WarmupCosine
 from raygpt.storage import Storage, join
@@ -126,8 +155,6 @@ class TrainerState:
         self.tokens_seen += tokens
 
     def state_dict(self) -> dict[str, Any]:
-        from raygpt import __version__
-
         return {"step": self.step, "tokens_seen": self.tokens_seen,
                 "data": {"seed": self.seed, "next_batch": self.step},
                 "schedule": {**self.schedule.state_dict(), "next_lr": self.schedule.lr_at(self.step)},
@@ -224,7 +251,7 @@ class Worker:
     """The model the loop runs: compiled and/or wrapped in DDP."""
     optimizer: torch.optim.Optimizer
     schedule: WarmupCosine
-    batches: Any
+    batches: TrainBatches
     state: TrainerState
     rng: RngState
     resumed_from_step: int
@@ -234,11 +261,6 @@ class Worker:
 
 def set_up_worker(spec: RunSpec, plan: TrainPlan, rank: int, world_size: int, device: torch.device) -> Worker:
     """Build every component, then restore them from Ray's checkpoint when there is one."""
-    import ray.train
-    from torch.nn.parallel import DistributedDataParallel
-
-    from raygpt.data import TrainBatches
-
     t = spec.train
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -333,9 +355,6 @@ def train_step(w: Worker, step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def validation_loss(w: Worker) -> float | None:
     """Mean token loss over the first ``train.val_tokens`` of the val split, shared across workers."""
-    from raygpt.data import eval_batches
-    from raygpt.evaluate import token_loss_sums
-
     storage = Storage.from_config(w.spec.storage)
     batches = eval_batches(w.spec.train.dataset, storage, "val", w.plan.seq_len, w.plan.micro_batch_size,
                            max_tokens=w.spec.train.val_tokens, rank=w.rank, world_size=w.world_size)
@@ -394,10 +413,8 @@ def report(w: Worker, metrics: dict[str, Any], save: bool) -> float | None:
     Every report of an async run is async: Ray keeps reports in order, so a synchronous one
     would wait for the previous checkpoint's upload.
     """
-    import ray.train
-
-    mode = (ray.train.CheckpointUploadMode.ASYNC if w.spec.checkpoint.async_upload
-            else ray.train.CheckpointUploadMode.SYNC)
+    mode = (CheckpointUploadMode.ASYNC if w.spec.checkpoint.async_upload
+            else CheckpointUploadMode.SYNC)
     if not save:
         ray.train.report(metrics, checkpoint_upload_mode=mode)
         return None
@@ -408,7 +425,7 @@ def report(w: Worker, metrics: dict[str, Any], save: bool) -> float | None:
     # ASYNC deletes the local folder once uploaded; SYNC leaves it to us.
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local), checkpoint_dir_name=name,
                      checkpoint_upload_mode=mode)
-    if mode is ray.train.CheckpointUploadMode.SYNC:
+    if mode is CheckpointUploadMode.SYNC:
         shutil.rmtree(local, ignore_errors=True)
     return time.perf_counter() - started
 
@@ -436,8 +453,6 @@ def due(step: int, interval: int) -> bool:
 def quiet_report_logs() -> None:
     """Ray Train logs every report at INFO under a logger named after its source file, outside
     ``ray.train``, so ``LoggingConfig`` does not reach it; the driver's view shows reports already."""
-    import logging
-
     from ray.train.v2._internal.execution import context as ray_train_context
 
     logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
@@ -445,9 +460,6 @@ def quiet_report_logs() -> None:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The loop each Ray Train worker runs: step, report, validate, checkpoint."""
-    import ray.train
-    import ray.train.torch
-
     spec, plan = config["spec"], config["plan"]
     quiet_report_logs()
     context = ray.train.get_context()
@@ -497,8 +509,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 def check_dataset(dataset: str, storage: Storage) -> dict[str, Any]:
     """The dataset's manifest, after checking that every shard is there with its recorded size
     (hashes are checked by the workers, which download the shards anyway)."""
-    from raygpt.data import load_manifest
-
     manifest = load_manifest(dataset, storage)
     bytes_per_token = np.dtype(manifest.get("dtype", "uint16")).itemsize
     for split, info in manifest["splits"].items():
@@ -510,7 +520,8 @@ def check_dataset(dataset: str, storage: Storage) -> dict[str, Any]:
                                   "prepare the dataset again")
             if size != shard["tokens"] * bytes_per_token:
                 raise RaygptError(f"{uri}: {size} bytes, but the manifest lists {shard['tokens']} tokens "
-                                  f"({shard['tokens'] * bytes_per_token} bytes): corrupt shard; prepare the dataset again")
+                                  f"({shard['tokens'] * bytes_per_token} bytes): corrupt shard; prepare the dataset "
+                                  "again")
     return manifest
 
 
@@ -535,8 +546,6 @@ def check_resume(run_uri: str, spec: RunSpec, storage: Storage) -> dict[str, Any
 
 
 def check_validation_split(manifest: dict[str, Any], plan: TrainPlan, spec: RunSpec) -> None:
-    from raygpt.data import count_eval_windows
-
     if spec.train.val_interval > 0 and count_eval_windows(manifest, "val", plan.seq_len, spec.train.val_tokens) == 0:
         raise RaygptError(f"train.val_interval: the val split of {spec.train.dataset} has "
                           f"{manifest['splits']['val']['tokens']:,} tokens, fewer than one sequence of "
@@ -544,8 +553,6 @@ def check_validation_split(manifest: dict[str, Any], plan: TrainPlan, spec: RunS
 
 
 def check_cluster(plan: TrainPlan, spec: RunSpec, started_locally: bool) -> None:
-    import ray
-
     need = {"CPU": plan.num_workers * spec.train.cpus_per_worker, "GPU": plan.num_workers if plan.use_gpu else 0}
     have = ray.cluster_resources()
     short = [f"{need[k]:g} {k}s (the cluster has {have.get(k, 0):g})" for k in need if need[k] > have.get(k, 0)]
@@ -586,8 +593,6 @@ class ProgressView:
     report otherwise (CI, Ray job logs). Fed by ``MetricsLog`` through a Ray queue."""
 
     def __init__(self, plan: TrainPlan, start_step: int, queue, console=None):
-        from rich.console import Console
-
         self.plan, self.queue = plan, queue
         self.console = console or Console(stderr=False)
         self.records: list[dict[str, Any]] = []
@@ -623,8 +628,6 @@ class ProgressView:
             self._drain_once(timeout=0.5)
 
     def _drain_once(self, timeout: float) -> None:
-        from ray.util.queue import Empty
-
         while True:
             try:
                 record = self.queue.get(block=timeout > 0, timeout=timeout or None)
@@ -675,14 +678,6 @@ class ProgressView:
 
 def train(spec: RunSpec, address: str | None = None, num_cpus: int | None = None, console=None) -> dict[str, Any]:
     """Check, launch and follow a training run; returns its summary (the final run record)."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from ray.util.queue import Queue
-
-    from raygpt.cluster import cluster_has_gpus, connect
-    from raygpt.data import manifest_hash
-
     storage = Storage.from_config(spec.storage)
     run_uri = join(spec.storage_path, spec.name)
     storage.check_access(spec.storage_path, write=True)
@@ -737,8 +732,6 @@ def train(spec: RunSpec, address: str | None = None, num_cpus: int | None = None
         with view:
             result = trainer.fit()
     except Exception as e:
-        from ray.train import TrainingFailedError
-
         if not isinstance(e, TrainingFailedError):
             raise
         message = training_failure_message(e)
@@ -785,6 +778,7 @@ def train_command(args) -> int:
     final = summary.get("final") or {}
     if final:
         val = f", val loss {final['val_loss']:.4f}" if final.get("val_loss") is not None else ""
+        record_uri = join(spec.storage_path, spec.name, "run.json")
         print(f"raygpt train: {spec.name} {summary.get('status')} at step {final.get('step')}: "
-              f"loss {final.get('loss', float('nan')):.4f}{val}; run record {join(spec.storage_path, spec.name, 'run.json')}")
+              f"loss {final.get('loss', float('nan')):.4f}{val}; run record {record_uri}")
     return 0

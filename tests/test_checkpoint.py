@@ -9,8 +9,14 @@ import os
 import pytest
 import torch
 
-from raygpt.checkpoint import (load_model, load_state_dict_checked, load_training_checkpoint, model_id,
-                               save_model_dir, save_training_checkpoint)
+from raygpt.checkpoint import (
+    load_model,
+    load_state_dict_checked,
+    load_training_checkpoint,
+    model_id,
+    save_model_dir,
+    save_training_checkpoint,
+)
 from raygpt.config import load_spec
 from raygpt.errors import RaygptError
 from raygpt.model import GPT, PRESETS, GPTConfig
