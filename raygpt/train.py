@@ -731,12 +731,15 @@ def train(spec: RunSpec, address: str | None = None, num_cpus: int | None = None
     try:
         with view:
             result = trainer.fit()
-    except Exception as e:
-        if not isinstance(e, TrainingFailedError):
-            raise
+    except TrainingFailedError as e:
         message = training_failure_message(e)
         record.finish("failed", error=message, restarts=len(view.failures))
         raise RaygptError(message) from None
+    except (KeyboardInterrupt, SystemExit):
+        # On Ctrl-C, Ray Train aborts the workers and exits the driver with status 0; the run is
+        # resumable from its last checkpoint, and the caller should hear "interrupted".
+        record.finish("interrupted", restarts=len(view.failures))
+        raise KeyboardInterrupt from None
     finally:
         ray.kill(queue.actor)
     if view.fatal_error is not None:
