@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ast
 import bisect
+import contextlib
 import fcntl
 import glob
 import hashlib
@@ -756,7 +757,7 @@ class ShardCache:
             with _file_lock(self.cache_dir / f".{shard['name']}.lock"):
                 if not _cached(path, shard):
                     self._download(uri, path, shard)
-            self._evict()
+            self._evict(keep=path.name)
         try:
             os.utime(path)  # recency, for eviction
         except FileNotFoundError:  # evicted by another worker on this node just now
@@ -781,12 +782,18 @@ class ShardCache:
             for key in [k for k in self._maps if k not in keep]:
                 del self._maps[key]
 
-    def _evict(self) -> None:
+    def _evict(self, keep: str) -> None:
         if self.max_cached_shards is None:
             return
         with self._lock:
-            in_use = {self.shards(split)[i]["name"] for split, i in self._maps}
-        files = sorted(self.cache_dir.glob("*.bin"), key=lambda p: p.stat().st_mtime)
+            in_use = {self.shards(split)[i]["name"] for split, i in self._maps} | {keep}
+        # Other workers on this node (and our prefetch thread) evict too: a file may vanish
+        # between the listing and its stat.
+        stamped = []
+        for path in self.cache_dir.glob("*.bin"):
+            with contextlib.suppress(FileNotFoundError):
+                stamped.append((path.stat().st_mtime, path))
+        files = [path for _, path in sorted(stamped)]
         for path in files[:max(0, len(files) - self.max_cached_shards)]:
             if path.name not in in_use:
                 path.unlink(missing_ok=True)  # another process's mapping of it stays valid
