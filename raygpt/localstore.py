@@ -102,7 +102,7 @@ class SeaweedFS:
         if self.process.poll() is None:
             try:
                 os.killpg(self.process.pid, signal.SIGTERM)
-                self.process.wait(timeout=15)
+                self.process.wait(timeout=5)
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 try:
                     os.killpg(self.process.pid, signal.SIGKILL)
