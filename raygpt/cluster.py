@@ -41,5 +41,17 @@ def _start_local(num_cpus: int | None) -> None:
         del os.environ["RAY_ADDRESS"]  # this process is connected; a later connect() starts afresh
 
 
+# Settings (never credentials) that say where local copies live. Ray's workers inherit the
+# environment of the node they run on, not the driver's, so tasks get these explicitly.
+FORWARDED_ENV = ("RAYGPT_HF_DIR", "RAYGPT_BPE_DIR", "RAYGPT_CACHE_DIR", "HF_HOME", "HF_HUB_OFFLINE", "HF_ENDPOINT")
+
+
+def task_runtime_env() -> dict:
+    """A ``runtime_env`` for Ray tasks carrying the driver's ``FORWARDED_ENV`` settings (Ray
+    merges it with the job's own runtime env)."""
+    env_vars = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+    return {"env_vars": env_vars} if env_vars else {}
+
+
 def cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0

@@ -69,7 +69,7 @@ def evaluate(spec: RunSpec, models: list[str], address: str | None = None,
     """Score ``models`` on the test split and write ``test_loss.json``; returns its contents."""
     import ray
 
-    from raygpt.cluster import cluster_has_gpus, connect
+    from raygpt.cluster import cluster_has_gpus, connect, task_runtime_env
     from raygpt.data import count_eval_windows, load_manifest, manifest_hash
 
     if not models:
@@ -91,7 +91,8 @@ def evaluate(spec: RunSpec, models: list[str], address: str | None = None,
 
     connect(address, num_cpus)
     gpus = cluster_has_gpus()
-    task = ray.remote(model_test_loss).options(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=1)
+    task = ray.remote(model_test_loss).options(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=1,
+                                               runtime_env=task_runtime_env())
     pending = [task.remote(ref, spec, storage, seq_len) for ref in models]
     try:
         results = ray.get(pending)

@@ -432,7 +432,7 @@ def ift_command(args) -> int:
     import ray
 
     from raygpt.checkpoint import model_id
-    from raygpt.cluster import cluster_has_gpus, connect
+    from raygpt.cluster import cluster_has_gpus, connect, task_runtime_env
 
     spec = load_spec(args.spec, args.overrides)
     cfg = spec.ift
@@ -471,7 +471,8 @@ def ift_command(args) -> int:
     task = ray.remote(finetune_one)
     splits_ref = ray.put(splits)
     pending = {
-        task.options(num_cpus=cfg.cpus_per_model, num_gpus=gpus, name=f"ift-{name}").remote(
+        task.options(num_cpus=cfg.cpus_per_model, num_gpus=gpus, name=f"ift-{name}",
+                     runtime_env=task_runtime_env()).remote(
             ref, spec, storage, splits_ref, dataset, output, bool(getattr(args, "force", False))): (name, ref)
         for name, ref in zip(names, cfg.models)
     }
