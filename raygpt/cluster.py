@@ -46,10 +46,15 @@ def _start_local(num_cpus: int | None) -> None:
 FORWARDED_ENV = ("RAYGPT_HF_DIR", "RAYGPT_BPE_DIR", "RAYGPT_CACHE_DIR", "HF_HOME", "HF_HUB_OFFLINE", "HF_ENDPOINT")
 
 
+def forwarded_env() -> dict[str, str]:
+    """The driver's ``FORWARDED_ENV`` settings that are set."""
+    return {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+
+
 def task_runtime_env() -> dict:
-    """A ``runtime_env`` for Ray tasks carrying the driver's ``FORWARDED_ENV`` settings (Ray
-    merges it with the job's own runtime env)."""
-    env_vars = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+    """A ``runtime_env`` for Ray tasks carrying ``forwarded_env()`` (Ray merges it with the
+    job's own runtime env)."""
+    env_vars = forwarded_env()
     return {"env_vars": env_vars} if env_vars else {}
 
 

@@ -60,7 +60,7 @@ from raygpt.checkpoint import (
     save_training_checkpoint,
     stored_size,
 )
-from raygpt.cluster import cluster_has_gpus, connect
+from raygpt.cluster import cluster_has_gpus, connect, forwarded_env
 from raygpt.config import RunSpec, load_spec, spec_to_dict
 from raygpt.data import TrainBatches, count_eval_windows, eval_batches, load_manifest, manifest_hash
 from raygpt.errors import RaygptError
@@ -461,6 +461,7 @@ def quiet_report_logs() -> None:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The loop each Ray Train worker runs: step, report, validate, checkpoint."""
     spec, plan = config["spec"], config["plan"]
+    os.environ.update(config["env"])  # the driver's RAYGPT_CACHE_DIR etc.: workers inherit their node's env
     quiet_report_logs()
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -712,7 +713,7 @@ def train(spec: RunSpec, address: str | None = None, num_cpus: int | None = None
     resources = {"CPU": spec.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec, "plan": plan},
+        train_loop_config={"spec": spec, "plan": plan, "env": forwarded_env()},
         scaling_config=ScalingConfig(num_workers=plan.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=spec.name, storage_path=ray_storage_path, storage_filesystem=ray_filesystem,
