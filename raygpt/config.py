@@ -354,14 +354,31 @@ class RunSpec:
     """Where runs live: a local directory or ``s3://bucket/prefix``."""
 
     storage: StorageConfig = field(default_factory=StorageConfig)
+    """The S3-compatible endpoint and region of every ``s3://`` path in the spec."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The architecture trained by ``raygpt train``."""
+
     data: DataConfig = field(default_factory=DataConfig)
+    """Corpus, token budget and splits for ``raygpt data prepare``."""
+
     train: TrainConfig = field(default_factory=TrainConfig)
+    """Batch, optimizer, schedule and Ray Train settings for ``raygpt train``."""
+
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """How often training saves and how many checkpoints it keeps."""
+
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """Models and test split for ``raygpt eval``."""
+
     ift: IftConfig = field(default_factory=IftConfig)
+    """Instruction fine-tuning and answer generation for ``raygpt ift``."""
+
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    """The LLM judge of ``raygpt judge``."""
+
     report: ReportConfig = field(default_factory=ReportConfig)
+    """The comparison written by ``raygpt report``."""
 
     def __post_init__(self) -> None:
         problems = check_spec(self)
@@ -375,7 +392,8 @@ def check_spec(spec: RunSpec) -> list[str]:
     if not spec.name or "/" in spec.name:
         problems.append(f"name: {spec.name!r} must be a non-empty name without '/'")
     t = spec.train
-    for key in ("global_batch_tokens", "micro_batch_size", "num_workers", "log_interval", "cpus_per_worker"):
+    for key in ("global_batch_tokens", "micro_batch_size", "num_workers", "log_interval", "cpus_per_worker",
+                "val_tokens"):
         if getattr(t, key) <= 0:
             problems.append(f"train.{key}: must be positive, got {getattr(t, key)}")
     if t.lr <= 0:
@@ -383,6 +401,15 @@ def check_spec(spec: RunSpec) -> list[str]:
     for key in ("max_steps", "seq_len", "fail_at_step", "stop_at_step"):
         if getattr(t, key) is not None and getattr(t, key) <= 0:
             problems.append(f"train.{key}: must be positive, got {getattr(t, key)}")
+    for key in ("warmup_steps", "val_interval", "weight_decay", "grad_clip"):
+        if getattr(t, key) < 0:
+            problems.append(f"train.{key}: must not be negative, got {getattr(t, key)}")
+    if not 0 <= t.min_lr_ratio <= 1:
+        problems.append(f"train.min_lr_ratio: must be in [0, 1], got {t.min_lr_ratio}")
+    if t.max_failures < -1:
+        problems.append(f"train.max_failures: must be -1 (restart forever) or more, got {t.max_failures}")
+    if spec.model.context_length is not None and spec.model.context_length <= 0:
+        problems.append(f"model.context_length: must be positive, got {spec.model.context_length}")
     for key in ("batch_size", "max_tokens", "seq_len"):
         if getattr(spec.eval, key) is not None and getattr(spec.eval, key) <= 0:
             problems.append(f"eval.{key}: must be positive, got {getattr(spec.eval, key)}")
@@ -407,6 +434,8 @@ def check_spec(spec: RunSpec) -> list[str]:
             problems.append(f"ift.{key}: must be positive, got {getattr(spec.ift, key)}")
     if spec.ift.lr <= 0:
         problems.append(f"ift.lr: must be positive, got {spec.ift.lr}")
+    if spec.ift.weight_decay < 0:
+        problems.append(f"ift.weight_decay: must not be negative, got {spec.ift.weight_decay}")
     if spec.ift.patience < 0:
         problems.append(f"ift.patience: must be 0 (no early stopping) or more, got {spec.ift.patience}")
     if spec.judge.passes < 1:
@@ -416,6 +445,9 @@ def check_spec(spec: RunSpec) -> list[str]:
             problems.append(f"judge.{key}: must be positive, got {getattr(spec.judge, key)}")
     for key in ("max_retries", "temperature", "backoff_s", "backoff_max_s"):
         if getattr(spec.judge, key) < 0:
+            problems.append(f"judge.{key}: must not be negative, got {getattr(spec.judge, key)}")
+    for key in ("price_input_per_mtok", "price_output_per_mtok"):
+        if getattr(spec.judge, key) is not None and getattr(spec.judge, key) < 0:
             problems.append(f"judge.{key}: must not be negative, got {getattr(spec.judge, key)}")
     if spec.report.bootstrap_samples <= 0:
         problems.append(f"report.bootstrap_samples: must be positive, got {spec.report.bootstrap_samples}")
@@ -456,7 +488,9 @@ def load_spec(path: str | Path | None = None, overrides: list[str] | None = None
         node = raw
         *parents, leaf = key.split(".")
         for part in parents:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or an empty section (``train:`` with nothing under it)
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 problems.append(f"--set {key}: {part} is not a section")
                 break

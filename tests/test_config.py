@@ -53,3 +53,25 @@ def test_malformed_yaml_names_the_line(tmp_path):
 @pytest.mark.parametrize("path", JOBS, ids=[p.name for p in JOBS])
 def test_job_specs_are_valid(path):
     load_spec(path)
+
+
+def test_range_checks_cover_schedule_optimizer_and_prices(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  warmup_steps: -1\n  min_lr_ratio: 1.5\n  val_tokens: 0\n  max_failures: -2\n"
+                    "model:\n  context_length: 0\nift:\n  weight_decay: -0.1\njudge:\n  price_input_per_mtok: -1\n")
+    with pytest.raises(RaygptError) as err:
+        load_spec(path)
+    message = str(err.value)
+    for expected in ("train.warmup_steps: must not be negative, got -1", "train.min_lr_ratio: must be in [0, 1], got 1.5",
+                     "train.val_tokens: must be positive, got 0", "train.max_failures: must be -1",
+                     "model.context_length: must be positive, got 0", "ift.weight_decay: must not be negative",
+                     "judge.price_input_per_mtok: must not be negative"):
+        assert expected in message
+    # -1 is Ray's "restart forever", a valid setting.
+    assert load_spec(None, ["train.max_failures=-1"]).train.max_failures == -1
+
+
+def test_override_fills_an_empty_section(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("name: demo\ntrain:\n")
+    assert load_spec(path, ["train.max_steps=5"]).train.max_steps == 5
