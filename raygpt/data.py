@@ -873,11 +873,14 @@ class TrainBatches:
     def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(shard order, start position of each shard in that order) for one epoch."""
         if epoch not in self._epoch_orders:
-            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, _SHARD_ORDER, epoch])))
-            order = rng.permutation(len(self.shard_sequences))
+            order = self._shard_order(epoch)
             starts = np.concatenate([[0], np.cumsum(self.shard_sequences[order])])
             self._epoch_orders = {epoch: (order, starts)}  # one epoch at a time is all a step needs
         return self._epoch_orders[epoch]
+
+    def _shard_order(self, epoch: int) -> np.ndarray:
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, _SHARD_ORDER, epoch])))
+        return rng.permutation(len(self.shard_sequences))
 
     def _sequence_order(self, epoch: int, shard: int) -> np.ndarray:
         key = (epoch, shard)
@@ -937,11 +940,8 @@ class TrainBatches:
         epoch = self.epoch_of(step)
         order, _ = self._epoch_order(epoch)
         slot = int(np.flatnonzero(order == shard)[0])
-        if slot + 1 < len(order):
-            following = int(order[slot + 1])
-        else:
-            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, _SHARD_ORDER, epoch + 1])))
-            following = int(rng.permutation(len(self.shard_sequences))[0])
+        # Not _epoch_order(epoch + 1): it keeps one epoch, and the next step needs this one's.
+        following = int(order[slot + 1] if slot + 1 < len(order) else self._shard_order(epoch + 1)[0])
         done = [i for i, f in self._prefetching.items() if f.done()]
         for i in done:
             del self._prefetching[i]  # a failed prefetch is retried, and reported, by the step that needs it
