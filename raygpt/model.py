@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from raygpt.errors import RaygptError
 from raygpt.tokenizer import EOT_ID, VOCAB_SIZE
 
 
@@ -56,8 +57,6 @@ PRESETS: dict[str, GPTConfig] = {
 
 def config_from_spec(model_spec) -> GPTConfig:
     """A ``GPTConfig`` from a run spec's ``model`` section (preset plus overrides)."""
-    from raygpt.errors import RaygptError
-
     if model_spec.preset not in PRESETS:
         raise RaygptError(f"model.preset: unknown preset {model_spec.preset!r} (known: {', '.join(PRESETS)})")
     overrides = dict(dropout=model_spec.dropout, qkv_bias=model_spec.qkv_bias, tie_weights=model_spec.tie_weights)
@@ -253,16 +252,16 @@ class GPT(nn.Module):
         logits = logits[:, -1, :]
 
         out = [[] for _ in range(B)]
-        done = torch.zeros(B, dtype=torch.bool, device=device)
+        done = [False] * B
         for step in range(max_new_tokens):
             next_id = self._pick(logits, temperature, top_k, generator)  # (B,)
-            for b in range(B):
+            for b, token in enumerate(next_id.tolist()):  # one device-to-host copy per step
                 if not done[b]:
-                    if eos_id is not None and next_id[b].item() == eos_id:
+                    if token == eos_id:
                         done[b] = True
                     else:
-                        out[b].append(next_id[b].item())
-            if bool(done.all()) or step == max_new_tokens - 1:
+                        out[b].append(token)
+            if all(done) or step == max_new_tokens - 1:
                 break
             start = L + step
             mask = key_valid[:, None, None, :start + 1]
