@@ -34,7 +34,7 @@ from rich.table import Table
 from raygpt.config import RunSpec, load_spec
 from raygpt.errors import RaygptError
 from raygpt.judge import EMPTY_ANCHOR, REFERENCE_ANCHOR, judge_dir
-from raygpt.stats import bootstrap_indices, percentile_interval, spearman
+from raygpt.stats import bootstrap_indices, percentile_interval, resampled_means, spearman
 from raygpt.storage import Storage, join
 
 STAGE_FOLDERS = {"eval", "judge", "ift"}
@@ -188,13 +188,10 @@ def loss_score_correlation(rows: list[ModelRow], samples: int, seed: int) -> dic
     lengths = {len(r.item_scores) for r in both}
     if len(lengths) == 1 and lengths != {0}:
         item_scores = np.array([[math.nan if v is None else v for v in r.item_scores] for r in both], dtype=float)
-        replicates = []
-        for index in bootstrap_indices(item_scores.shape[1], samples, seed):
-            resampled = item_scores[:, index]
-            counts = (~np.isnan(resampled)).sum(axis=1)
-            if (counts == 0).any():
-                continue
-            replicates.append(spearman(losses, np.nansum(resampled, axis=1) / counts))
+        index = bootstrap_indices(item_scores.shape[1], samples, seed)
+        means = np.array([resampled_means(row, index) for row in item_scores])  # (models, samples)
+        # A resample in which some model has no scored item has no rank correlation: left out.
+        replicates = [spearman(losses, column) for column in means.T if not np.isnan(column).any()]
         low, high = percentile_interval(np.array(replicates))
     return {"spearman": _clean(rho), "ci95": [_clean(low), _clean(high)], "models": len(both),
             "resampled": "items", "bootstrap_samples": samples, "seed": seed}

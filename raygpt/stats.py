@@ -79,11 +79,14 @@ def bootstrap_mean_ci(per_item: np.ndarray, samples: int, seed: int, level: floa
     if per_item.ndim != 2 or per_item.shape[0] == 0:
         return [(float("nan"), float("nan"))] * (per_item.shape[1] if per_item.ndim == 2 else 0)
     index = bootstrap_indices(per_item.shape[0], samples, seed)
-    intervals = []
-    for column in per_item.T:
-        resampled = column[index]  # (samples, items): one column at a time keeps memory small
-        counts = (~np.isnan(resampled)).sum(axis=1)
-        sums = np.nansum(resampled, axis=1)
-        means = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
-        intervals.append(percentile_interval(means, level))
-    return intervals
+    # One column at a time keeps memory at (samples, items).
+    return [percentile_interval(resampled_means(column, index), level) for column in per_item.T]
+
+
+def resampled_means(scores: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """The mean of ``scores[index[s]]`` for each resample ``s`` (nans left out): shape (samples,),
+    nan where a resample drew only items without a score."""
+    resampled = np.asarray(scores, dtype=float)[index]
+    counts = (~np.isnan(resampled)).sum(axis=1)
+    sums = np.nansum(resampled, axis=1)
+    return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
