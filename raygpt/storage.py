@@ -16,7 +16,7 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow.fs as pafs
 
@@ -119,7 +119,7 @@ class Storage:
             raise RaygptError(f"{uri}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
     def write_json(self, uri: str, obj: Any) -> None:
-        self.write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+        self.write_bytes(uri, (json.dumps(obj, indent=2) + "\n").encode())
 
     def read_text(self, uri: str) -> str:
         return self.read_bytes(uri).decode()
@@ -192,9 +192,6 @@ class Storage:
             probe = join(uri, f".raygpt-write-probe-{uuid.uuid4().hex[:8]}")
             self.write_bytes(probe, b"ok")
             self.delete(probe)
-
-    def iter_lines(self, uri: str) -> Iterator[str]:
-        yield from self.read_text(uri).splitlines()
 
 
 def _delete_quietly(fs: pafs.FileSystem, path: str) -> None:
