@@ -476,14 +476,10 @@ class _ShardStore:
 
 
 def _stored_sizes(storage: Storage, output: str) -> dict[str, int]:
-    import pyarrow.fs as pafs
-
-    fs, path = storage.resolve(output)
     try:
-        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    except OSError:
+        return storage.file_sizes(output)
+    except RaygptError:
         return {}  # check_access has already proven the folder reachable; an unlistable one holds nothing of ours
-    return {info.base_name: info.size for info in infos if info.type == pafs.FileType.File}
 
 
 class _SplitWriter:

@@ -134,6 +134,13 @@ class Storage:
             infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=recursive))
         return sorted(info.path[len(path):].lstrip("/") for info in infos)
 
+    def file_sizes(self, uri: str) -> dict[str, int]:
+        """Size in bytes of each file directly under ``uri`` (folders left out); {} when absent."""
+        fs, path = self.resolve(uri)
+        with _explained(uri, "list"):
+            infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        return {info.base_name: info.size for info in infos if info.type == pafs.FileType.File}
+
     def delete(self, uri: str) -> None:
         """Delete a file or a whole folder; nothing when absent."""
         fs, path = self.resolve(uri)
