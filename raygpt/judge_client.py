@@ -115,6 +115,7 @@ class JudgeEndpoint:
                     f"(or set judge.api_key_env to the variable that holds it; '' for endpoints without keys)")
         else:
             api_key = "no-key"  # local servers (vLLM, Ollama, llama.cpp) ignore it, the client needs one
+        self._secret = api_key if config.api_key_env else None
         self.client = openai.OpenAI(base_url=config.base_url, api_key=api_key, max_retries=0,
                                     timeout=config.timeout_s)
         self.where = str(self.client.base_url).rstrip("/")
@@ -136,13 +137,13 @@ class JudgeEndpoint:
                 return  # some servers do not list models; the first call will say if the model is missing
             except (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError) as e:
                 if attempt == self.config.max_retries:
-                    raise RaygptError(f"judge endpoint {self.where} keeps failing ({_describe(e)}): try again later") from None
+                    raise RaygptError(f"judge endpoint {self.where} keeps failing ({self._describe(e)}): try again later") from None
                 time.sleep(self._backoff(attempt, e))
             except openai.APIConnectionError:
                 raise RaygptError(f"judge endpoint {self.where} cannot be reached: check judge.base_url and "
                                   f"that the server is running") from None
             except openai.APIStatusError as e:
-                raise RaygptError(f"judge endpoint {self.where}: listing models failed ({_describe(e)})") from None
+                raise RaygptError(f"judge endpoint {self.where}: listing models failed ({self._describe(e)})") from None
         # Ollama lists "llama3:latest" for "llama3".
         if model not in served and f"{model}:latest" not in served:
             listed = ", ".join(sorted(served)[:20]) or "none"
@@ -177,21 +178,21 @@ class JudgeEndpoint:
                     if parameter in message:
                         # A setting the endpoint refuses fails every call alike: stop, say which.
                         raise EndpointGone(f"judge endpoint {self.where} refuses {parameter} for model "
-                                           f"{self.config.model!r} ({_describe(e)}): change {key}") from None
-                return Outcome(None, None, attempt, usage, failure=f"request rejected: {_describe(e)}")
+                                           f"{self.config.model!r} ({self._describe(e)}): change {key}") from None
+                return Outcome(None, None, attempt, usage, failure=f"request rejected: {self._describe(e)}")
             except openai.AuthenticationError:
                 raise EndpointGone(f"judge endpoint {self.where} rejected the key in ${self.config.api_key_env} (401)") from None
             except openai.PermissionDeniedError as e:
-                raise EndpointGone(f"judge endpoint {self.where} refused access ({_describe(e)})") from None
+                raise EndpointGone(f"judge endpoint {self.where} refused access ({self._describe(e)})") from None
             except openai.NotFoundError as e:
                 raise EndpointGone(f"judge endpoint {self.where}: model {self.config.model!r} not found "
-                                   f"({_describe(e)})") from None
+                                   f"({self._describe(e)})") from None
             except openai.RateLimitError as e:
                 if getattr(e, "code", None) == "insufficient_quota":
                     # OpenAI says 429 for an empty account too; waiting will not refill it.
                     raise EndpointGone(f"judge endpoint {self.where}: the account's quota is used up "
-                                       f"({_describe(e)})") from None
-                problem, transient_error = _describe(e), e
+                                       f"({self._describe(e)})") from None
+                problem, transient_error = self._describe(e), e
                 if attempt <= self.config.max_retries:
                     self.stopping.wait(self._backoff(attempt - 1, e))
                 continue
@@ -199,8 +200,8 @@ class JudgeEndpoint:
                 # 429, 5xx, 408/409, timeouts and dropped connections pass; anything else will not.
                 status = getattr(e, "status_code", None)
                 if status is not None and status not in (408, 409, 429) and status < 500:
-                    return Outcome(None, None, attempt, usage, failure=f"request rejected: {_describe(e)}")
-                problem, transient_error = _describe(e), e
+                    return Outcome(None, None, attempt, usage, failure=f"request rejected: {self._describe(e)}")
+                problem, transient_error = self._describe(e), e
                 if attempt <= self.config.max_retries:
                     self.stopping.wait(self._backoff(attempt - 1, e))
                 continue
@@ -230,6 +231,11 @@ class JudgeEndpoint:
             kwargs["response_format"] = response_format
         return kwargs
 
+    def _describe(self, error: Exception) -> str:
+        """``_describe`` with the key blanked out: some servers and proxies echo the key they
+        were sent in their error text, which ends up in messages and judgement records."""
+        return _describe(error, self._secret)
+
     def _backoff(self, attempt: int, error: Exception) -> float:
         """Exponential with full jitter, never shorter than the server's Retry-After."""
         delay = min(self.config.backoff_max_s, self.config.backoff_s * 2 ** attempt) * random.uniform(0.5, 1.0)
@@ -253,10 +259,13 @@ def _retry_after_s(error: Exception) -> float | None:
     return None
 
 
-def _describe(error: Exception) -> str:
+def _describe(error: Exception, secret: str | None = None) -> str:
     status = getattr(error, "status_code", None)
     kind = type(error).__name__
-    message = str(getattr(error, "message", "") or error).splitlines()[0][:200]
+    message = str(getattr(error, "message", "") or error)
+    if secret:
+        message = message.replace(secret, "<api key>")  # before the cut, which could leave a piece of it
+    message = message.splitlines()[0][:200]
     return f"{kind} {status}: {message}" if status else f"{kind}: {message}"
 
 

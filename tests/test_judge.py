@@ -195,6 +195,7 @@ def test_comparative_scores_ranking_anchors_and_outputs(tmp_path, server):
     written = json.loads((tmp_path / "judge" / "summary.json").read_text())
     assert written["models"] == summary["models"] and written["judge"]["template"] == "comparative/comparative-v1"
     assert KEY not in (tmp_path / "judge" / "summary.json").read_text()
+    assert KEY not in (tmp_path / "judge" / "judgements.jsonl").read_text()
     assert KEY not in "".join(p.read_text() for p in (tmp_path / "cache").rglob("*.json"))
 
 
@@ -333,6 +334,23 @@ def test_a_refused_setting_stops_the_run_naming_the_key(tmp_path, server):
     with pytest.raises(RaygptError, match="refuses temperature for model 'judge-1'.*change judge.temperature"):
         run_judge(spec, Storage(), quiet())
     assert len(server.chat_requests) <= 2
+
+
+@pytest.mark.integration
+def test_a_key_echoed_in_an_error_never_reaches_records_or_messages(tmp_path, server):
+    write_answers(tmp_path)
+    spec = make_spec(tmp_path, server, "judge.concurrency=1", "judge.passes=1", "judge.structured_output=false")
+    echo = {"error": {"message": f"Malformed request from key {KEY}, see the docs", "type": "invalid_request_error"}}
+    server.script(Reply(status=400, body=echo))
+    summary = run_judge(spec, Storage(), quiet())
+    assert summary["calls"]["failed"] == 1
+    records = (tmp_path / "judge" / "judgements.jsonl").read_text()
+    assert "from key <api key>, see the docs" in records and KEY not in records
+
+    server.script(Reply(status=403, body={"error": {"message": f"Key {KEY} may not use this model"}}))
+    with pytest.raises(RaygptError, match="refused access") as err:
+        run_judge(spec, Storage(), quiet())
+    assert KEY not in str(err.value) and "Key <api key> may not" in str(err.value)
 
 
 @pytest.mark.integration
