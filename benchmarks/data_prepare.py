@@ -22,13 +22,13 @@ from rich.console import Console
 from rich.table import Table
 
 from raygpt.config import DataConfig, RunSpec
-from raygpt.data import _stdlib_documents, prepare
+from raygpt.data import open_source, prepare
 from raygpt.storage import Storage
 from raygpt.tokenizer import get_tokenizer
 
 
 def write_corpus(path: Path, megabytes: float) -> list[str]:
-    documents = list(_stdlib_documents())
+    documents = list(open_source(DataConfig(source="stdlib")).documents())
     target, written, copy = megabytes * 1e6, 0, 0
     sample = []
     with open(path, "w") as f:
