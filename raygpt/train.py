@@ -168,17 +168,21 @@ class TrainerState:
 
 
 class RngState:
-    """This process's random generators (dropout masks): torch, CUDA, numpy and Python's."""
+    """This process's random generators (dropout masks): torch, its CUDA device's, numpy and Python's.
+
+    Only the current CUDA device's generator: Ray Train shows every worker all of its node's
+    GPUs, and a run resumed on nodes with fewer GPUs must still restore each rank's own stream.
+    """
 
     def state_dict(self) -> dict[str, Any]:
         return {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
                 "numpy": np.random.get_state(), "python": random.getstate()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         torch.set_rng_state(state["torch"])
         if state.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+            torch.cuda.set_rng_state(state["cuda"])
         np.random.set_state(state["numpy"])
         random.setstate(state["python"])
 
