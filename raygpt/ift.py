@@ -189,10 +189,10 @@ def evaluate_loss(model, dataset: InstructionDataset, cfg: IftConfig, device: st
         batch = [dataset[i] for i in range(start, min(start + cfg.batch_size, len(dataset)))]
         x, y = collate_instructions(batch, allowed_max_length=model.config.context_length,
                                     mask_prompt=cfg.mask_prompt)
+        n = int((y != IGNORE_INDEX).sum())
         x, y = x.to(device), y.to(device)
         with autocast_for(device, cfg.precision):
             _, loss = model(x, y)
-        n = int((y != IGNORE_INDEX).sum())
         total += loss.item() * n
         count += n
     model.train(was_training)
@@ -238,6 +238,7 @@ def finetune(model, train: Sequence[dict[str, str]], val: Sequence[dict[str, str
         for first in range(0, steps_per_epoch * cfg.batch_size, cfg.batch_size):
             batch = [train_set[i] for i in order[first:first + cfg.batch_size]]
             x, y = collate_instructions(batch, allowed_max_length=context, mask_prompt=cfg.mask_prompt)
+            tokens += int((y != IGNORE_INDEX).sum())  # counted on the CPU copy: no device sync
             x, y = x.to(device), y.to(device)
             with autocast_for(device, cfg.precision):
                 _, loss = model(x, y)
@@ -245,13 +246,12 @@ def finetune(model, train: Sequence[dict[str, str]], val: Sequence[dict[str, str
             loss.backward()
             optimizer.step()
             step += 1
-            tokens += int((y != IGNORE_INDEX).sum())
-            window.append(loss.item())
+            window.append(loss.detach())  # read at the next validation, not synced every step
             if step % cfg.eval_interval and step != planned_steps:
                 continue
             epoch = step / steps_per_epoch
-            history["train"].append({"step": step, "epoch": epoch, "loss": sum(window) / len(window),
-                                     "tokens": tokens})
+            window_loss = sum(value.item() for value in window) / len(window)
+            history["train"].append({"step": step, "epoch": epoch, "loss": window_loss, "tokens": tokens})
             window = []
             val_loss = evaluate_loss(model, val_set, cfg, device)
             history["val"].append({"step": step, "epoch": epoch, "loss": val_loss})
