@@ -290,8 +290,13 @@ def run_judge(spec: RunSpec, storage: Storage, console: Console | None = None, d
     cache = JudgeCache(config.cache_dir, storage)
     outcomes = read_cached(calls, spec, cache, console)
     missing = [i for i, outcome in enumerate(outcomes) if outcome is None]
+    # Identical prompts (in single mode: two models with the same answer, or an empty answer
+    # and the empty anchor) are one question: asked once, the copies reuse the reply.
+    first_of_key: dict[str, int] = {}
+    for i in missing:
+        first_of_key.setdefault(calls[i].key, i)
     if dry_run:
-        plan = dry_run_plan([calls[i] for i in missing], len(calls), spec)
+        plan = dry_run_plan([calls[i] for i in first_of_key.values()], len(calls), spec)
         console.print(f"judge (dry run): {plan['calls']} calls, {plan['cached']} cached, {plan['to_make']} to make, "
                       f"~{plan['input_tokens_estimate']:,} input tokens, est. cost {_money(plan['cost_estimate_usd'])}")
         return plan
@@ -300,11 +305,6 @@ def run_judge(spec: RunSpec, storage: Storage, console: Console | None = None, d
     started = time.time()
     if missing:
         endpoint.preflight()
-        # Identical prompts (in single mode: two models with the same answer, or an empty
-        # answer and the empty anchor) are one question: asked once, the copies reuse the reply.
-        first_of_key: dict[str, int] = {}
-        for i in missing:
-            first_of_key.setdefault(calls[i].key, i)
         try:
             fresh = judge_calls([calls[i] for i in first_of_key.values()], spec, cache, endpoint, console)
         except EndpointGone as e:

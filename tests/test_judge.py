@@ -392,7 +392,10 @@ def test_identical_prompts_are_asked_once(tmp_path, server):
     for item in mute["items"]:
         item["response"] = ""  # in single mode, the same prompt as the empty anchor's
     paths[2].write_text(json.dumps(mute))
-    summary = run_judge(make_spec(tmp_path, server, "judge.mode=single", "judge.passes=1"), Storage(), quiet())
+    spec = make_spec(tmp_path, server, "judge.mode=single", "judge.passes=1")
+    plan = run_judge(spec, Storage(), quiet(), dry_run=True)
+    assert (plan["calls"], plan["to_make"], plan["cached"]) == (15, 12, 3), "the dry run counts what a run makes"
+    summary = run_judge(spec, Storage(), quiet())
     assert len(server.chat_requests) == 3 * (3 + 2) - 3
     assert by_model(summary)["weak"]["mean"] == EMPTY_SCORE == summary["anchors"][EMPTY_ANCHOR]["mean"]
     assert summary["calls"]["made"] == 12 and summary["calls"]["cache_hits"] == 3
