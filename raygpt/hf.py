@@ -318,7 +318,7 @@ def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     if not config.qkv_bias:
         for i in range(config.n_layer):
             state[f"transformer.h.{i}.attn.c_attn.bias"] = torch.zeros(3 * config.n_embd)
-    if config.tie_weights is False:
+    if not config.tie_weights:
         state["lm_head.weight"] = state["lm_head.weight"].clone()  # safetensors refuses shared storage
     return state
 
@@ -386,13 +386,14 @@ def _tokenizer_files() -> dict[str, Path]:
     """GPT-2's BPE files under the names Hugging Face's GPT2Tokenizer reads, when found locally."""
     from raygpt.tokenizer import bpe_dir_candidates, verify_bpe_dir
 
-    for directory in bpe_dir_candidates():
-        try:
-            verify_bpe_dir(directory)
-        except RaygptError:
-            return {}
-        return {"vocab.json": directory / "encoder.json", "merges.txt": directory / "vocab.bpe"}
-    return {}
+    candidates = bpe_dir_candidates()
+    if not candidates:
+        return {}
+    try:
+        verify_bpe_dir(candidates[0])
+    except RaygptError:
+        return {}
+    return {"vocab.json": candidates[0] / "encoder.json", "merges.txt": candidates[0] / "vocab.bpe"}
 
 
 def export_command(args) -> int:
