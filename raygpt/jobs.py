@@ -27,7 +27,7 @@ import shlex
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,8 @@ TOKEN_PLACES = "$RAY_AUTH_TOKEN, the file $RAY_AUTH_TOKEN_PATH names, or ~/.ray/
 
 @dataclass(frozen=True)
 class AuthToken:
-    value: str
+    value: str = field(repr=False)
+    """The token itself: sent as a header, never printed (so not in the repr either)."""
     source: str
     """Where it was found, for messages (never the token itself)."""
 
@@ -69,7 +70,10 @@ def find_auth_token() -> AuthToken | None:
         return AuthToken(value, f"{path} ($RAY_AUTH_TOKEN_PATH)")
     default = Path.home() / ".ray" / "auth_token"
     if default.is_file():
-        value = default.read_text().strip()
+        try:
+            value = default.read_text().strip()
+        except OSError as e:
+            raise RaygptError(f"{default}: cannot read the Ray auth token ({e.strerror})") from None
         if value:
             return AuthToken(value, str(default))
     return None

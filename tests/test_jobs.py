@@ -128,10 +128,18 @@ def test_token_lookup_follows_rays_order(monkeypatch, tmp_path):
     assert find_auth_token().value == "from-path"
     monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
     token = find_auth_token()
-    assert token.value == "from-env" and "from-env" not in token.source
+    assert token.value == "from-env" and "from-env" not in token.source and "from-env" not in repr(token)
     monkeypatch.delenv("RAY_AUTH_TOKEN")
     named.write_text("")
     with pytest.raises(RaygptError, match="elsewhere: the Ray auth token file that RAY_AUTH_TOKEN_PATH names is empty"):
+        find_auth_token()
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")
+
+    def unreadable(path, *args, **kwargs):  # as a mode-000 file is, except to root
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Path, "read_text", unreadable)
+    with pytest.raises(RaygptError, match=r"\.ray/auth_token: cannot read the Ray auth token \(Permission denied\)"):
         find_auth_token()
 
 
