@@ -209,7 +209,7 @@ def plan_calls(spec: RunSpec, sets: list[AnswerSet]) -> list[JudgeCall]:
                 answers = [answer_of(c, i, by_model, item) for c in order]
                 messages = template.messages(item, answers)
                 calls.append(JudgeCall(p, i, order, messages, template.response_format(list(LABELS[: len(order)])),
-                                       seed, JudgeCache.key(config.model, template_id, messages, settings)))
+                                       seed, JudgeCache.key(config.base_url, config.model, template_id, messages, settings)))
     return calls
 
 

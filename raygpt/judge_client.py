@@ -277,11 +277,12 @@ class JudgeCache:
         self.storage = storage
 
     @staticmethod
-    def key(model: str, template: str, messages: list[dict], settings: dict[str, Any]) -> str:
-        """sha256 of everything that shapes the reply: judge model, template name and version,
-        the full prompt, and the sampling settings (temperature, seed, max_tokens)."""
-        blob = json.dumps({"model": model, "template": template, "messages": messages, "settings": settings},
-                          sort_keys=True, ensure_ascii=False)
+    def key(endpoint: str | None, model: str, template: str, messages: list[dict], settings: dict[str, Any]) -> str:
+        """sha256 of everything that shapes the reply: the endpoint (one model name may be served
+        differently by Ollama and vLLM), judge model, template name and version, the full prompt,
+        and the sampling settings (temperature, seed, max_tokens)."""
+        blob = json.dumps({"endpoint": endpoint or "openai", "model": model, "template": template,
+                           "messages": messages, "settings": settings}, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def path(self, key: str) -> str:

@@ -216,6 +216,10 @@ def test_second_run_is_all_cache_hits_and_makes_no_request(tmp_path, server):
     server.reset_counts()
     run_judge(make_spec(tmp_path, server, "judge.max_tokens=512"), Storage(), quiet())
     assert len(server.chat_requests) == 12
+    # So is another endpoint serving a model of the same name (Ollama's 4-bit vs vLLM's full precision).
+    with FakeOpenAI(models=["judge-1"]) as other:
+        run_judge(make_spec(tmp_path, other), Storage(), quiet())
+        assert len(other.chat_requests) == 12
 
 
 @pytest.mark.integration
