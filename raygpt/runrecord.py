@@ -159,6 +159,13 @@ def without_userinfo(url: str | None) -> str | None:
     return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
 
 
+def recorded_spec(spec: RunSpec) -> dict[str, Any]:
+    """The resolved spec as run records and checkpoints keep it: the endpoint without any user:password."""
+    resolved = spec_to_dict(spec)
+    resolved["storage"]["endpoint_url"] = without_userinfo(resolved["storage"]["endpoint_url"])
+    return resolved
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -176,8 +183,6 @@ class RunRecord:
                  model: dict[str, Any], hardware: dict[str, Any]):
         self.storage = storage
         self.uri = join(spec.storage_path, spec.name, RUN_RECORD_FILE)
-        resolved = spec_to_dict(spec)
-        resolved["storage"]["endpoint_url"] = without_userinfo(resolved["storage"]["endpoint_url"])
         self.record: dict[str, Any] = {
             "name": spec.name,
             "status": "running",
@@ -186,7 +191,7 @@ class RunRecord:
             "raygpt_version": __version__,
             "git_commit": git_commit(),
             "packages": package_versions(),
-            "spec": resolved,
+            "spec": recorded_spec(spec),
             "dataset": {"uri": spec.train.dataset, "manifest_sha256": manifest_sha256},
             "seeds": {"train": spec.train.seed},
             "plan": plan,

@@ -61,12 +61,12 @@ from raygpt.checkpoint import (
     stored_size,
 )
 from raygpt.cluster import cluster_has_gpus, connect, forwarded_env
-from raygpt.config import RunSpec, load_spec, spec_to_dict
+from raygpt.config import RunSpec, load_spec
 from raygpt.data import TrainBatches, count_eval_windows, eval_batches, load_manifest, manifest_hash
 from raygpt.errors import RaygptError
 from raygpt.evaluate import token_loss_sums
 from raygpt.model import GPT, config_from_spec
-from raygpt.runrecord import MetricsLog, RunRecord, cpu_model, last_line, read_metrics
+from raygpt.runrecord import MetricsLog, RunRecord, cpu_model, last_line, read_metrics, recorded_spec
 from raygpt.schedule import WarmupCosine
 from raygpt.storage import Storage, join
 
@@ -159,7 +159,7 @@ class TrainerState:
                 "data": {"seed": self.seed, "next_batch": self.step},
                 "schedule": {**self.schedule.state_dict(), "next_lr": self.schedule.lr_at(self.step)},
                 "scaler": self.scaler.state_dict(), "world_size": self.world_size,
-                "raygpt_version": __version__, "spec": spec_to_dict(self.spec)}
+                "raygpt_version": __version__, "spec": recorded_spec(self.spec)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])

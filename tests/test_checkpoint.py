@@ -137,3 +137,10 @@ def test_model_ids_are_short_and_filesystem_safe():
     assert model_id("openai:gpt2-medium") == "openai-gpt2-medium"
     assert model_id("gpt2-small-fineweb") == "gpt2-small-fineweb"
     assert model_id("s3://bucket/runs/small/checkpoint_00001000/") == "small-checkpoint_00001000"
+
+
+def test_trainer_state_keeps_no_credential_of_the_endpoint():
+    spec = load_spec(None, ["storage.endpoint_url=http://user:s3cret-key@127.0.0.1:8333"])
+    state = TrainerState(WarmupCosine(1e-3, 1, 4), choose_precision("fp32", torch.device("cpu")).scaler, 0, spec, 1)
+    assert state.state_dict()["spec"]["storage"]["endpoint_url"] == "http://127.0.0.1:8333"
+    assert "s3cret-key" not in repr(state.state_dict())
