@@ -495,11 +495,22 @@ def load_spec(path: str | Path | None = None, overrides: list[str] | None = None
                 problems.append(f"--set {key}: {part} is not a section")
                 break
         else:
-            node[leaf] = yaml.safe_load(value) if value else value
+            node[leaf] = _override_value(value)
     values = _convert(RunSpec, raw, "", problems)
     if problems:
         raise RaygptError(f"{where}: invalid run spec:\n  " + "\n  ".join(problems))
     return values
+
+
+def _override_value(text: str) -> Any:
+    """A ``--set`` value parsed as YAML (numbers, booleans, lists, null); text that is not valid
+    YAML, such as a glob ``*.txt``, stays the string it is."""
+    if not text:
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def spec_to_dict(spec: Any) -> dict[str, Any]:

@@ -663,23 +663,21 @@ def prepare_command(args) -> int:
     """``raygpt data prepare [SPEC] [--source S] [--output URI] [--tokens N | --chinchilla PRESET]``."""
     from rich.console import Console
 
-    from raygpt.config import check_spec, load_spec
+    from raygpt.config import load_spec
 
-    spec = load_spec(args.spec, args.overrides)
-    data = spec.data
+    # The flags are overrides like any --set, so load_spec checks them and names the spec file.
+    flags = list(args.overrides)
     if args.source:
-        data.source = args.source
+        flags.append(f"data.source={args.source}")
     if args.output:
-        data.output = args.output
+        flags.append(f"data.output={args.output}")
     if args.tokens is not None:
-        data.tokens, data.chinchilla = args.tokens, None
+        flags += [f"data.tokens={args.tokens}", "data.chinchilla=null"]
     if args.chinchilla:
-        data.tokens, data.chinchilla = None, args.chinchilla
+        flags += ["data.tokens=null", f"data.chinchilla={args.chinchilla}"]
     if args.num_proc is not None:
-        data.num_proc = args.num_proc
-    problems = check_spec(spec)
-    if problems:
-        raise RaygptError("; ".join(problems))
+        flags.append(f"data.num_proc={args.num_proc}")
+    spec = load_spec(args.spec, flags)
     prepare(spec, Storage.from_config(spec.storage), console=Console())
     return 0
 

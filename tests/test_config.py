@@ -75,3 +75,8 @@ def test_override_fills_an_empty_section(tmp_path):
     path = tmp_path / "x.yaml"
     path.write_text("name: demo\ntrain:\n")
     assert load_spec(path, ["train.max_steps=5"]).train.max_steps == 5
+
+
+def test_override_values_that_are_not_yaml_stay_strings():
+    spec = load_spec(None, ["data.source=*.txt", "eval.models=[run-a, openai:gpt2]", "data.tokens=null"])
+    assert (spec.data.source, spec.eval.models, spec.data.tokens) == ("*.txt", ["run-a", "openai:gpt2"], None)
