@@ -28,6 +28,7 @@ from rich.table import Table
 from raygpt.config import DataConfig, RunSpec, load_spec
 from raygpt.errors import RaygptError
 from raygpt.localstore import S3_PORT, SeaweedFS, free_port_block
+from raygpt.runrecord import without_userinfo
 from raygpt.storage import Storage, join
 
 PRESET = Path(__file__).with_name("presets") / "quickstart.yaml"
@@ -38,7 +39,7 @@ def start_store(args, workdir: Path, console: Console, stack: contextlib.ExitSta
     endpoint = args.endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         os.environ["AWS_ENDPOINT_URL"] = endpoint
-        console.print(f"[bold]store[/]: the S3 endpoint {endpoint}, bucket {args.bucket} "
+        console.print(f"[bold]store[/]: the S3 endpoint {without_userinfo(endpoint)}, bucket {args.bucket} "
                       "(credentials from the AWS environment)")
         return endpoint
     try:
@@ -139,7 +140,7 @@ def quickstart_command(args) -> int:
         document = evaluate(spec, [spec.name])
         test = next(r for r in document["results"] if r["ref"] == spec.name)
 
-        row = {**summary_row(spec, record, test), "source": source, "endpoint": endpoint,
+        row = {**summary_row(spec, record, test), "source": source, "endpoint": without_userinfo(endpoint),
                "total_s": time.time() - begun}
         (workdir / "summary.json").write_text(json.dumps(row, indent=2) + "\n")
         console.rule("summary")
