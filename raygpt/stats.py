@@ -24,11 +24,17 @@ def rankdata(values: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman's rho: the Pearson correlation of the ranks (ties averaged)."""
+def _paired(x, y, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Two equally long float arrays, or a ValueError naming the statistic."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if len(x) != len(y):
-        raise ValueError(f"spearman: {len(x)} values against {len(y)}")
+        raise ValueError(f"{name}: {len(x)} values against {len(y)}")
+    return x, y
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's rho: the Pearson correlation of the ranks (ties averaged)."""
+    x, y = _paired(x, y, "spearman")
     if len(x) < 2:
         return float("nan")
     rx, ry = rankdata(x) - (len(x) + 1) / 2, rankdata(y) - (len(y) + 1) / 2
@@ -38,9 +44,7 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
 
 def kendall_tau_b(x: np.ndarray, y: np.ndarray) -> float:
     """Kendall's tau-b, which corrects for ties (what scipy's ``kendalltau`` returns)."""
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    if len(x) != len(y):
-        raise ValueError(f"kendall: {len(x)} values against {len(y)}")
+    x, y = _paired(x, y, "kendall")
     if len(x) < 2:
         return float("nan")
     i, j = np.triu_indices(len(x), k=1)
