@@ -22,7 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 from raygpt.config import DataConfig, RunSpec
-from raygpt.data import open_source, prepare
+from raygpt.data.prepare import prepare
+from raygpt.data.sources import open_source
 from raygpt.storage import Storage
 from raygpt.tokenizer import get_tokenizer
 

@@ -22,7 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 from raygpt.model import GPT, PRESETS
-from raygpt.train import choose_precision, device_name, peak_flops
+from raygpt.train.components import choose_precision
+from raygpt.train.metrics import device_name, peak_flops
 
 
 def measure(preset: str, device: torch.device, precision_setting: str, micro_batch: int, seq_len: int | None,

@@ -1,11 +1,20 @@
-"""Joining Ray: the cluster a job runs in, or a local instance when there is none."""
+"""Ray as raygpt uses it: joining a cluster, what tasks inherit, and what a failure says.
+
+Everything that touches Ray beyond its public API is here, each with the reason: Ray Train
+logs every report under a logger named after an internal file (``quiet_report_logs``), and
+the controller's report polling is a setting read from the environment
+(``poll_reports_often``).
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 
 import ray
+
+from raygpt.errors import RaygptError, last_line
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -60,3 +69,39 @@ def task_runtime_env() -> dict:
 
 def cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def failure_message(error: BaseException, what: str = "training") -> str:
+    """The user-facing message inside a Ray failure (Ray Train's ``TrainingFailedError``, a
+    task's ``RayTaskError``): the first RaygptError among the causes and the workers'
+    exceptions, else the last line of the first one's error."""
+    seen: set[int] = set()
+    pending = [error]
+    while pending:
+        e = pending.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, RaygptError):
+            return str(e)
+        pending.extend([getattr(e, "cause", None), e.__cause__, getattr(e, "controller_failure", None)])
+        pending.extend(getattr(e, "worker_failures", {}).values())
+    failures = getattr(error, "worker_failures", None) or {}
+    first = next(iter(failures.values()), error)
+    return f"{what} failed: {last_line(str(first))[:400]} (see the worker logs)"
+
+
+def quiet_report_logs() -> None:
+    """Ray Train logs every report at INFO under a logger named after its source file, outside
+    ``ray.train``, so ``LoggingConfig`` does not reach it; the driver's view shows reports already.
+    No public API names that logger."""
+    from ray.train.v2._internal.execution import context as ray_train_context
+
+    logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
+
+
+def poll_reports_often() -> None:
+    """Ray Train's controller collects reports every 2 s by default, and a worker's next report
+    waits until its previous one is collected: poll more often so reports never stall training.
+    The interval is an environment setting only; set before the trainer starts."""
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")

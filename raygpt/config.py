@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -119,6 +120,11 @@ class TrainConfig:
     warmup_steps: int = 700
     """Linear warmup steps from 0 to ``lr``."""
 
+    schedule: str = "cosine"
+    """Learning-rate decay after warmup, from ``raygpt.train.schedule.SCHEDULES``: cosine,
+    linear, constant, or wsd (warmup-stable-decay: the peak rate, then a linear cooldown over the
+    last 20% of the steps)."""
+
     weight_decay: float = 0.1
     """AdamW weight decay, applied to 2-D weights only (not biases, LayerNorms)."""
 
@@ -137,6 +143,10 @@ class TrainConfig:
 
     compile: bool = False
     """Compile the model with ``torch.compile``."""
+
+    parallel: str = "ddp"
+    """How the model is spread over the workers, from ``raygpt.train.parallel.STRATEGIES``:
+    ddp (every worker holds the whole model; gradients are all-reduced)."""
 
     seed: int = 1337
     """Seeds model init, data order and dropout. Data order depends on the seed and step only."""
@@ -158,6 +168,11 @@ class TrainConfig:
 
     cpus_per_worker: int = 1
     """CPUs reserved per worker (data loading, and the compute on CPU runs)."""
+
+    cache_shards: int | None = None
+    """Downloaded training shards a node keeps on its local disk (least recently used go first;
+    a shard that any worker of the node is reading stays). None: all of them, which makes
+    restarts on the same node free but needs the dataset's size on each node's disk."""
 
     max_failures: int = 3
     """Times Ray Train restarts the workers from the last checkpoint after a worker or node dies."""
@@ -398,7 +413,7 @@ def check_spec(spec: RunSpec) -> list[str]:
             problems.append(f"train.{key}: must be positive, got {getattr(t, key)}")
     if t.lr <= 0:
         problems.append(f"train.lr: must be positive, got {t.lr}")
-    for key in ("max_steps", "seq_len", "fail_at_step", "stop_at_step"):
+    for key in ("max_steps", "seq_len", "fail_at_step", "stop_at_step", "cache_shards"):
         if getattr(t, key) is not None and getattr(t, key) <= 0:
             problems.append(f"train.{key}: must be positive, got {getattr(t, key)}")
     for key in ("warmup_steps", "val_interval", "weight_decay", "grad_clip"):
@@ -606,3 +621,19 @@ def _describe(value: Any) -> str:
     if value is None:
         return "nothing"
     return f"{value!r} ({type(value).__name__})"
+
+
+def without_userinfo(url: str | None) -> str | None:
+    """``http://user:secret@host:9000`` -> ``http://host:9000``: a URL may carry credentials."""
+    if not url or "@" not in url:
+        return url
+    parts = urlsplit(url)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+def recorded_spec(spec: RunSpec) -> dict[str, Any]:
+    """The resolved spec as run records and checkpoints keep it: the endpoint without any user:password."""
+    resolved = spec_to_dict(spec)
+    resolved["storage"]["endpoint_url"] = without_userinfo(resolved["storage"]["endpoint_url"])
+    return resolved

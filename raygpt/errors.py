@@ -7,3 +7,8 @@ class RaygptError(Exception):
     The CLI prints ``str(error)`` on one line and exits with status 2. The message
     names the thing at fault (file, key, URI, tensor) and, where it helps, what to do.
     """
+
+
+def last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else text

@@ -16,12 +16,11 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from raygpt.checkpoint import describe_model, load_model
-from raygpt.config import RunSpec, load_spec
+from raygpt.config import RunSpec
 from raygpt.errors import RaygptError
+from raygpt.stages import TEST_LOSS_FILE, eval_dir
 from raygpt.storage import Storage, join
-
-RESULTS_FILE = "test_loss.json"
+from raygpt.weights.refs import describe_model, load_model
 
 
 @torch.no_grad()
@@ -50,7 +49,7 @@ def token_loss_sums(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor
 
 def model_test_loss(ref: str, spec: RunSpec, storage: Storage, seq_len: int) -> dict[str, Any]:
     """Mean token loss of one model over the fixed test windows (runs inside a Ray task)."""
-    from raygpt.data import eval_batches
+    from raygpt.data.batches import eval_batches
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # TF32 matmuls on GPUs: still deterministic, and their error averages out far below the
@@ -70,13 +69,14 @@ def evaluate(spec: RunSpec, models: list[str], address: str | None = None,
     """Score ``models`` on the test split and write ``test_loss.json``; returns its contents."""
     import ray
 
-    from raygpt.cluster import cluster_has_gpus, connect, task_runtime_env
-    from raygpt.data import count_eval_windows, load_manifest, manifest_hash
+    from raygpt.cluster import cluster_has_gpus, connect, failure_message, task_runtime_env
+    from raygpt.data.batches import count_eval_windows
+    from raygpt.data.manifest import load_manifest, manifest_hash
 
     if not models:
         raise RaygptError("eval.models: no models to evaluate; list them in the spec or pass --model REF")
     storage = Storage.from_config(spec.storage)
-    output = spec.eval.output or join(spec.storage_path, "eval")
+    output = eval_dir(spec)
     storage.check_access(output, write=True)
     manifest = load_manifest(spec.eval.dataset, storage)
     # Every model's architecture (and folder) now, so a typo fails before any task starts.
@@ -98,13 +98,10 @@ def evaluate(spec: RunSpec, models: list[str], address: str | None = None,
     try:
         results = ray.get(pending)
     except ray.exceptions.RayTaskError as e:
-        cause = e.cause if isinstance(getattr(e, "cause", None), RaygptError) else None
-        if cause is not None:
-            raise RaygptError(str(cause)) from None
-        raise RaygptError(f"evaluation failed: {str(e).strip().splitlines()[-1]}") from None
+        raise RaygptError(failure_message(e, "evaluation")) from None
 
     digest = manifest_hash(manifest)
-    uri = join(output, RESULTS_FILE)
+    uri = join(output, TEST_LOSS_FILE)
     previous = storage.read_json(uri) if storage.exists(uri) else None
     kept = []
     if previous and previous.get("manifest_sha256") == digest and previous.get("seq_len") == seq_len \
@@ -134,13 +131,3 @@ def show_results(document: dict[str, Any], console=None) -> None:
 
 def _or_dash(value: Any) -> str:
     return f"{value:,}" if isinstance(value, int) else "-"
-
-
-def eval_command(args) -> int:
-    """``raygpt eval SPEC [--model REF]...``."""
-    spec = load_spec(args.spec, args.overrides)
-    models = list(args.models) if args.models else list(spec.eval.models)
-    document = evaluate(spec, models, address=args.address, num_cpus=args.num_cpus)
-    show_results(document)
-    print(f"results: {document['uri']}")
-    return 0

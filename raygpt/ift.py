@@ -32,25 +32,27 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from raygpt.config import IftConfig, RunSpec, load_spec, spec_to_dict
+from raygpt.config import IftConfig, RunSpec, spec_to_dict
 from raygpt.errors import RaygptError
+from raygpt.evaluate import token_loss_sums
 from raygpt.prompts import PromptStyle, get_prompt_style
+from raygpt.stages import ANSWERS_FOLDER, ift_dir
 from raygpt.storage import Storage, is_remote, join
 from raygpt.tokenizer import ENDOFTEXT, EOT_ID, get_tokenizer
+from raygpt.train.components import Precision, choose_precision
 
 IGNORE_INDEX = -100
 """Target value that ``GPT.forward``'s cross-entropy skips."""
 
+
 TRAIN_FRACTION, TEST_FRACTION = 0.85, 0.10
 """The book's split; validation gets what is left (935 / 110 / 55 of its 1100 examples)."""
 
+
 DOWNLOAD_TIMEOUT_S = 30
 
+
 Log = Callable[[str], None]
-
-
-# ---------------------------------------------------------------------------------------------
-# Data
 
 
 def load_instruction_data(source: str, storage: Storage) -> tuple[list[dict[str, str]], str]:
@@ -161,41 +163,14 @@ def collate_instructions(batch: Sequence[tuple[list[int], int]], pad_id: int = E
     return torch.stack(inputs), torch.stack(targets)
 
 
-# ---------------------------------------------------------------------------------------------
-# Fine-tuning
-
-
-def autocast_for(device: str | torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on GPUs that support it when asked (or ``auto``), else nothing (fp32)."""
-    device_type = torch.device(device).type
-    if precision == "fp32" or device_type != "cuda":
-        if precision == "bf16" and device_type != "cuda":
-            raise RaygptError(f"ift.precision: bf16 needs a CUDA GPU; this worker has {device_type}")
-        return contextlib.nullcontext()
-    if not torch.cuda.is_bf16_supported():
-        if precision == "bf16":
-            raise RaygptError("ift.precision: this GPU does not support bf16; use auto or fp32")
-        return contextlib.nullcontext()
-    return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-
-
-@torch.no_grad()
-def evaluate_loss(model, dataset: InstructionDataset, cfg: IftConfig, device: str | torch.device) -> float:
+def evaluate_loss(model, dataset: InstructionDataset, cfg: IftConfig, device: str | torch.device,
+                  precision: Precision | None = None) -> float:
     """Mean cross-entropy per target token over the whole dataset (not a mean of batch means)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(dataset), cfg.batch_size):
-        batch = [dataset[i] for i in range(start, min(start + cfg.batch_size, len(dataset)))]
-        x, y = collate_instructions(batch, allowed_max_length=model.config.context_length,
-                                    mask_prompt=cfg.mask_prompt)
-        n = int((y != IGNORE_INDEX).sum())
-        x, y = x.to(device), y.to(device)
-        with autocast_for(device, cfg.precision):
-            _, loss = model(x, y)
-        total += loss.item() * n
-        count += n
-    model.train(was_training)
+    batches = (collate_instructions([dataset[i] for i in range(start, min(start + cfg.batch_size, len(dataset)))],
+                                    allowed_max_length=model.config.context_length, mask_prompt=cfg.mask_prompt)
+               for start in range(0, len(dataset), cfg.batch_size))
+    autocast = precision.autocast if precision is not None else contextlib.nullcontext
+    total, count = token_loss_sums(model, batches, device, autocast)
     return total / max(count, 1)
 
 
@@ -214,6 +189,7 @@ def finetune(model, train: Sequence[dict[str, str]], val: Sequence[dict[str, str
     style = get_prompt_style(cfg.prompt_style)
     train_set, val_set = InstructionDataset(train, style), InstructionDataset(val, style)
     device = torch.device(device)
+    precision = choose_precision(cfg.precision, device, key="ift.precision", allow_fp16=False)
     model.to(device)
     torch.manual_seed(cfg.seed)  # dropout
     order_rng = torch.Generator().manual_seed(cfg.seed)
@@ -225,7 +201,7 @@ def finetune(model, train: Sequence[dict[str, str]], val: Sequence[dict[str, str
     history: dict[str, Any] = {"train_examples": len(train_set), "val_examples": len(val_set),
                                "steps_per_epoch": steps_per_epoch, "planned_steps": planned_steps,
                                "train": [], "val": []}
-    best_loss = evaluate_loss(model, val_set, cfg, device)
+    best_loss = evaluate_loss(model, val_set, cfg, device, precision)
     best_step, best_state = 0, _copy_state(model)
     history["val"].append({"step": 0, "epoch": 0.0, "loss": best_loss})
     log(f"step 0/{planned_steps}: val loss {best_loss:.4f}")
@@ -240,7 +216,7 @@ def finetune(model, train: Sequence[dict[str, str]], val: Sequence[dict[str, str
             x, y = collate_instructions(batch, allowed_max_length=context, mask_prompt=cfg.mask_prompt)
             tokens += int((y != IGNORE_INDEX).sum())  # counted on the CPU copy: no device sync
             x, y = x.to(device), y.to(device)
-            with autocast_for(device, cfg.precision):
+            with precision.autocast():
                 _, loss = model(x, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -253,7 +229,7 @@ def finetune(model, train: Sequence[dict[str, str]], val: Sequence[dict[str, str
             window_loss = sum(value.item() for value in window) / len(window)
             history["train"].append({"step": step, "epoch": epoch, "loss": window_loss, "tokens": tokens})
             window = []
-            val_loss = evaluate_loss(model, val_set, cfg, device)
+            val_loss = evaluate_loss(model, val_set, cfg, device, precision)
             history["val"].append({"step": step, "epoch": epoch, "loss": val_loss})
             improved = val_loss < best_loss
             if improved:
@@ -284,10 +260,6 @@ def _copy_state(model) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
 
-# ---------------------------------------------------------------------------------------------
-# Generation
-
-
 def generate_answers(model, entries: Sequence[dict[str, str]], cfg: IftConfig,
                      log: Log | None = None) -> list[dict[str, Any]]:
     """Greedy answers to ``entries``, generated in batches of prompts of similar length.
@@ -300,6 +272,7 @@ def generate_answers(model, entries: Sequence[dict[str, str]], cfg: IftConfig,
     style = get_prompt_style(cfg.prompt_style)
     tokenizer = get_tokenizer()
     device = model.lm_head.weight.device
+    precision = choose_precision(cfg.precision, device, key="ift.precision", allow_fp16=False)
     context = model.config.context_length
     prompts = [tokenizer.encode_ordinary(style.format_prompt(entry)) for entry in entries]
     by_length = sorted(range(len(entries)), key=lambda i: len(prompts[i]))
@@ -308,7 +281,7 @@ def generate_answers(model, entries: Sequence[dict[str, str]], cfg: IftConfig,
         chunk = by_length[first:first + cfg.generation_batch_size]
         longest = max(len(prompts[i]) for i in chunk)
         budget = min(cfg.max_new_tokens, max(context - longest, context // 4))
-        with autocast_for(device, cfg.precision):
+        with precision.autocast():
             outputs = model.generate([prompts[i] for i in chunk], max_new_tokens=budget, temperature=0.0,
                                      eos_id=EOT_ID)
         for i, new_tokens in zip(chunk, outputs):
@@ -328,10 +301,6 @@ def generation_settings(cfg: IftConfig) -> dict[str, Any]:
             "batch_size": cfg.generation_batch_size, "precision": cfg.precision}
 
 
-# ---------------------------------------------------------------------------------------------
-# One model, end to end (a Ray task)
-
-
 @dataclass
 class IftLayout:
     """Where one model's results go under the ift output folder."""
@@ -341,7 +310,7 @@ class IftLayout:
 
     @property
     def answers(self) -> str:
-        return join(self.output, "answers", f"{self.model}.json")
+        return join(self.output, ANSWERS_FOLDER, f"{self.model}.json")
 
     @property
     def metrics(self) -> str:
@@ -355,7 +324,8 @@ class IftLayout:
 def finetune_one(ref: str, spec: RunSpec, storage: Storage, splits: InstructionSplits,
                  dataset: dict[str, Any], output: str, force: bool = False) -> dict[str, Any]:
     """Load ``ref``, fine-tune it, answer the test split and write its results; return a summary."""
-    from raygpt.checkpoint import load_model, model_id, save_model_dir
+    from raygpt.weights.checkpoint import save_model_dir
+    from raygpt.weights.refs import load_model, model_id
 
     cfg = spec.ift
     name = model_id(ref)
@@ -423,25 +393,17 @@ def _fingerprint(ref: str, base: dict[str, Any], dataset: dict[str, Any], cfg: I
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-# ---------------------------------------------------------------------------------------------
-# The command
-
-
-def ift_command(args) -> int:
-    """``raygpt ift SPEC [--model REF]... [--data SOURCE] [--output URI] [--force]``."""
+def run_ift(spec: RunSpec, address: str | None = None, num_cpus: int | None = None,
+            force: bool = False) -> tuple[list[dict[str, Any]], str]:
+    """Fine-tune every ``ift.models`` entry in its own Ray task; returns the summaries (in the
+    order of ``ift.models``) and the output folder. Failed models are one RaygptError naming
+    each, after the others finished."""
     import ray
 
-    from raygpt.checkpoint import model_id
-    from raygpt.cluster import cluster_has_gpus, connect, task_runtime_env
+    from raygpt.cluster import cluster_has_gpus, connect, failure_message, task_runtime_env
+    from raygpt.weights.refs import model_id
 
-    spec = load_spec(args.spec, args.overrides)
     cfg = spec.ift
-    if getattr(args, "models", None):
-        cfg.models = list(args.models)
-    if getattr(args, "data", None):
-        cfg.data = args.data
-    if getattr(args, "output", None):
-        cfg.output = args.output
     if not cfg.models:
         raise RaygptError("ift.models: no base models to fine-tune; list them in the spec or pass --model REF")
     get_prompt_style(cfg.prompt_style)
@@ -451,7 +413,7 @@ def ift_command(args) -> int:
         raise RaygptError(f"ift.models: several models would be saved as {', '.join(clashes)}; list each once")
 
     storage = Storage.from_config(spec.storage)
-    output = _absolute(cfg.output or join(spec.storage_path, "ift"))
+    output = _absolute(ift_dir(spec))
     source = cfg.data if cfg.data.startswith(("http://", "https://")) else _absolute(cfg.data)
     storage.check_access(output, write=True)
     entries, sha256 = load_instruction_data(source, storage)
@@ -461,7 +423,7 @@ def ift_command(args) -> int:
     print(f"raygpt ift: {len(entries)} examples ({sha256[:12]}), split {len(splits.train)} train / "
           f"{len(splits.val)} val / {len(splits.test)} test; {len(cfg.models)} model(s) -> {output}", flush=True)
 
-    connect(getattr(args, "address", None), getattr(args, "num_cpus", None))
+    connect(address, num_cpus)
     gpus = 1 if cluster_has_gpus() else 0
     nodes = sum(1 for node in ray.nodes() if node["Alive"])
     if nodes > 1 and not is_remote(output):
@@ -473,7 +435,7 @@ def ift_command(args) -> int:
     pending = {
         task.options(num_cpus=cfg.cpus_per_model, num_gpus=gpus, name=f"ift-{name}",
                      runtime_env=task_runtime_env()).remote(
-            ref, spec, storage, splits_ref, dataset, output, bool(getattr(args, "force", False))): (name, ref)
+            ref, spec, storage, splits_ref, dataset, output, force): (name, ref)
         for name, ref in zip(names, cfg.models)
     }
     summaries, failures = [], []
@@ -484,10 +446,9 @@ def ift_command(args) -> int:
             try:
                 summaries.append(ray.get(done[0]))
             except ray.exceptions.RayTaskError as e:
-                cause = e.cause
-                if not isinstance(cause, RaygptError):
+                if not isinstance(e.cause, RaygptError):
                     print(str(e), file=sys.stderr)  # a bug, not bad input: the remote traceback helps
-                failures.append(f"{name} ({ref}): {cause if isinstance(cause, RaygptError) else type(cause).__name__}")
+                failures.append(f"{name} ({ref}): {failure_message(e, 'fine-tuning')}")
             except ray.exceptions.RayError as e:  # its worker or node died: out of memory, a lost spot node
                 failures.append(f"{name} ({ref}): {type(e).__name__}: {str(e).splitlines()[0]}")
     except KeyboardInterrupt:
@@ -495,11 +456,11 @@ def ift_command(args) -> int:
             ray.cancel(task_ref, force=True)
         raise
     summaries.sort(key=lambda s: names.index(s["model"]))
-    if summaries:
-        print_summary(summaries, output)
     if failures:
+        if summaries:
+            print_summary(summaries, output)
         raise RaygptError(f"{len(failures)} of {len(names)} model(s) failed: " + "; ".join(failures))
-    return 0
+    return summaries, output
 
 
 def _absolute(uri: str) -> str:
@@ -507,13 +468,11 @@ def _absolute(uri: str) -> str:
     return uri if is_remote(uri) else str(Path(uri).expanduser().absolute())
 
 
-def print_summary(summaries: list[dict[str, Any]], output: str) -> None:
+def print_summary(summaries: list[dict[str, Any]], output: str, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=120)  # logs and CI: keep each model on one line
+    console = console or Console()
     table = Table(title=f"Instruction fine-tuning -> {output}")
     for column in ("model", "params", "steps", "best step", "val loss", "answers", "mean tokens", "at limit", "time"):
         table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True)

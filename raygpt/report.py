@@ -31,14 +31,21 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from raygpt.config import RunSpec, load_spec
+from raygpt.config import RunSpec
 from raygpt.errors import RaygptError
-from raygpt.judge import EMPTY_ANCHOR, REFERENCE_ANCHOR, judge_dir
-from raygpt.stats import bootstrap_indices, percentile_interval, resampled_means, spearman
-from raygpt.storage import Storage, join
-
-STAGE_FOLDERS = {"eval", "judge", "ift"}
-"""Folders under ``storage_path`` written by stages, not training runs."""
+from raygpt.stages import (
+    EMPTY_ANCHOR,
+    JUDGE_SUMMARY_FILE,
+    METRICS_FILE,
+    REFERENCE_ANCHOR,
+    RUN_RECORD_FILE,
+    STAGE_FOLDERS,
+    TEST_LOSS_FILE,
+    eval_dir,
+    judge_dir,
+)
+from raygpt.stats import bootstrap_indices, percentile_interval, resampled_means, rounded, spearman
+from raygpt.storage import Storage, join, write_local_atomically
 
 
 @dataclass
@@ -80,19 +87,12 @@ class Report:
     sources: dict[str, str] = field(default_factory=dict)
 
 
-# ---------------------------------------------------------------------------------------------
-# Gathering
-
-
-def eval_dir(spec: RunSpec) -> str:
-    return spec.eval.output or join(spec.storage_path, "eval")
-
 
 def build_report(spec: RunSpec, storage: Storage) -> Report:
     report = Report(rows=[])
     rows: dict[str, ModelRow] = {}
 
-    test_loss_uri = join(eval_dir(spec), "test_loss.json")
+    test_loss_uri = join(eval_dir(spec), TEST_LOSS_FILE)
     if storage.exists(test_loss_uri):
         test_loss = storage.read_json(test_loss_uri)
         report.sources["test_loss"] = test_loss_uri
@@ -104,7 +104,7 @@ def build_report(spec: RunSpec, storage: Storage) -> Report:
     else:
         report.missing.append(f"test loss: no {test_loss_uri} (run `raygpt eval`)")
 
-    summary_uri = join(judge_dir(spec), "summary.json")
+    summary_uri = join(judge_dir(spec), JUDGE_SUMMARY_FILE)
     if storage.exists(summary_uri):
         summary = storage.read_json(summary_uri)
         report.sources["judge"] = summary_uri
@@ -193,7 +193,7 @@ def loss_score_correlation(rows: list[ModelRow], samples: int, seed: int) -> dic
         # A resample in which some model has no scored item has no rank correlation: left out.
         replicates = [spearman(losses, column) for column in means.T if not np.isnan(column).any()]
         low, high = percentile_interval(np.array(replicates))
-    return {"spearman": _clean(rho), "ci95": [_clean(low), _clean(high)], "models": len(both),
+    return {"spearman": rounded(rho), "ci95": [rounded(low), rounded(high)], "models": len(both),
             "resampled": "items", "bootstrap_samples": samples, "seed": seed}
 
 
@@ -202,7 +202,7 @@ def _read_runs(spec: RunSpec, storage: Storage, report: Report) -> None:
     every folder under ``storage_path`` that has a metrics.jsonl."""
     names = spec.report.runs or [n for n in storage.list(spec.storage_path) if n not in STAGE_FOLDERS]
     for name in names:
-        metrics_uri = join(spec.storage_path, name, "metrics.jsonl")
+        metrics_uri = join(spec.storage_path, name, METRICS_FILE)
         if not storage.exists(metrics_uri):
             if spec.report.runs:
                 report.missing.append(f"training curve of {name}: no {metrics_uri}")
@@ -219,7 +219,7 @@ def _read_runs(spec: RunSpec, storage: Storage, report: Report) -> None:
         if unreadable:
             report.missing.append(f"training curve of {name}: {unreadable} unreadable line(s) in {metrics_uri}")
         report.curves[name] = records
-        run_uri = join(spec.storage_path, name, "run.json")
+        run_uri = join(spec.storage_path, name, RUN_RECORD_FILE)
         if storage.exists(run_uri):
             record = storage.read_json(run_uri)
             if isinstance(record, dict):
@@ -228,10 +228,9 @@ def _read_runs(spec: RunSpec, storage: Storage, report: Report) -> None:
         report.missing.append(f"training curves: no run with metrics.jsonl under {spec.storage_path}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Backends: the same rows as a terminal table, Markdown, JSON, CSV and plots.
-
 COLUMNS = ("model", "test loss", "IFT score", "95% CI", "passes", "failures", "params", "trained tokens", "trained on")
+
+
 OPTIONAL_COLUMNS = {"params", "trained tokens", "trained on"}
 """Shown only when some row has a value: the table stays narrow when they are unknown."""
 
@@ -420,37 +419,11 @@ def write_report(report: Report, output: str | Path) -> list[Path]:
     written = []
     for name, text in (("report.md", to_markdown(report)), ("report.json", json.dumps(to_json(report), indent=2) + "\n"),
                        ("report.csv", to_csv(report))):
-        _write_atomically(out / name, text)
+        write_local_atomically(out / name, lambda tmp, text=text: tmp.write_text(text))
         written.append(out / name)
     for name, plot in (("loss_vs_score.png", plot_loss_vs_score), ("training_curves.png", plot_training_curves)):
-        tmp = out / f".{name}.tmp.png"
-        if plot(report, tmp):
-            tmp.replace(out / name)
+        if write_local_atomically(out / name, lambda tmp, plot=plot: plot(report, tmp)):
             written.append(out / name)
         else:
             (out / name).unlink(missing_ok=True)  # a stale plot from an earlier report would mislead
     return written
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def _clean(value: float | None) -> float | None:
-    return None if value is None or math.isnan(value) else round(float(value), 4)
-
-
-def report_command(args) -> int:
-    spec = load_spec(args.spec, args.overrides)
-    if args.output:
-        spec.report.output = args.output
-    report = build_report(spec, Storage.from_config(spec.storage))
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=200)  # a log or a pipe: whole rows, not rows cut to 80 columns
-    render_terminal(report, console)
-    written = write_report(report, spec.report.output)
-    console.print("wrote " + ", ".join(str(p) for p in written), soft_wrap=True)
-    return 0

@@ -94,3 +94,11 @@ def resampled_means(scores: np.ndarray, index: np.ndarray) -> np.ndarray:
     counts = (~np.isnan(resampled)).sum(axis=1)
     sums = np.nansum(resampled, axis=1)
     return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
+def rounded(value: float | None, digits: int = 4) -> float | None:
+    """``value`` as a JSON-ready float rounded to ``digits``; None for None and nan (no score, no mean)."""
+    if value is None:
+        return None
+    value = float(value)
+    return None if np.isnan(value) else round(value, digits)

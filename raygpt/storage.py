@@ -16,7 +16,7 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow.fs as pafs
 
@@ -89,6 +89,13 @@ class Storage:
         fs, path = self.resolve(uri)
         with _explained(uri, "check"):
             return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+    def stored_size(self, uri: str) -> int | None:
+        """Size in bytes of a stored file, or None when there is none (or it is a folder)."""
+        fs, path = self.resolve(uri)
+        with _explained(uri, "check"):
+            info = fs.get_file_info(path)
+        return info.size if info.type == pafs.FileType.File else None
 
     def read_bytes(self, uri: str) -> bytes:
         fs, path = self.resolve(uri)
@@ -201,6 +208,25 @@ class Storage:
             self.delete(probe)
 
 
+def write_local_atomically(path: str | Path, write: Callable[[Path], Any]) -> bool:
+    """Call ``write(tmp)`` to write a temporary file beside ``path`` (same suffix), then move it
+    into place: a reader (or a resumed run) never sees half a file. A ``write`` that returns
+    False wrote nothing, and nothing is moved; returns whether ``path`` was written. An OSError
+    names ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if write(tmp) is False:
+            return False
+        os.replace(tmp, path)
+    except OSError as e:
+        raise RaygptError(f"{path}: cannot write ({e.strerror or e})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
+
+
 def _delete_quietly(fs: pafs.FileSystem, path: str) -> None:
     try:
         fs.delete_file(path)
@@ -242,3 +268,4 @@ def explain_storage_error(uri: str, action: str, exc: BaseException) -> str:
         # Keep the first line only: pyarrow appends request ids and sometimes headers.
         cause = text.splitlines()[0][:300] if text else type(exc).__name__
     return f"{uri}: cannot {action}: {cause}"
+

@@ -49,7 +49,7 @@ def tiny_dataset(s3_server, tmp_path_factory):
     import random
 
     from raygpt.config import load_spec
-    from raygpt.data import prepare
+    from raygpt.data.prepare import prepare
     from raygpt.storage import Storage
 
     os.environ.update(s3_server.env())

@@ -28,7 +28,7 @@ REFERENCE_SCORE = 95
 EMPTY_SCORE = 3
 DEFAULT_SCORE = 50
 
-# The comparative template shows each answer between these lines (see raygpt.judge_prompts).
+# The comparative template shows each answer between these lines (see raygpt.judge.prompts).
 _ANSWER_BLOCK = re.compile(r"<answer (?P<label>[A-Z])>\n(?P<text>.*?)\n</answer (?P=label)>", re.S)
 _REFERENCE_BLOCK = re.compile(r"<reference>\n(?P<text>.*?)\n</reference>", re.S)
 # The book's single-answer prompt.

@@ -9,20 +9,19 @@ import os
 import pytest
 import torch
 
-from raygpt.checkpoint import (
-    load_model,
-    load_state_dict_checked,
-    load_training_checkpoint,
-    model_id,
-    save_model_dir,
-    save_training_checkpoint,
-)
 from raygpt.config import load_spec
 from raygpt.errors import RaygptError
 from raygpt.model import GPT, PRESETS, GPTConfig
-from raygpt.schedule import WarmupCosine
 from raygpt.storage import Storage, join
-from raygpt.train import RngState, TrainerState, choose_precision, seed_everything
+from raygpt.train.components import RngState, TrainerState, choose_precision, seed_everything
+from raygpt.train.schedule import WarmupCosine
+from raygpt.weights.checkpoint import (
+    load_state_dict_checked,
+    load_training_checkpoint,
+    save_model_dir,
+    save_training_checkpoint,
+)
+from raygpt.weights.refs import load_model, model_id
 
 CONFIG = GPTConfig(vocab_size=97, context_length=16, n_layer=2, n_head=2, n_embd=16, dropout=0.1)
 
@@ -144,3 +143,30 @@ def test_trainer_state_keeps_no_credential_of_the_endpoint():
     state = TrainerState(WarmupCosine(1e-3, 1, 4), choose_precision("fp32", torch.device("cpu")).scaler, 0, spec, 1)
     assert state.state_dict()["spec"]["storage"]["endpoint_url"] == "http://127.0.0.1:8333"
     assert "s3cret-key" not in repr(state.state_dict())
+
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "data", "checkpoint-v0.1.0")
+
+
+def test_a_checkpoint_written_by_raygpt_0_1_0_still_loads_and_resumes():
+    """tests/data/checkpoint-v0.1.0 was written by the flat-module raygpt (before the package
+    split): its model computes the same logits, and every component resumes from it."""
+    import json
+
+    expected = json.load(open(os.path.join(GOLDEN, "expected.json")))
+    spec = load_spec(None, ["model.preset=tiny"])
+    model, info = load_model(os.path.join(GOLDEN, "checkpoint_00000001"), spec, Storage())
+    assert info["step"] == 1 and info["tokens"] == 32
+    with torch.no_grad():
+        logits, _ = model(torch.tensor(expected["input"]))
+    assert float(logits.double().sum()) == pytest.approx(expected["logits_sum"], rel=1e-6)
+    assert logits[0, 0, :4].tolist() == pytest.approx(expected["logits_00"], rel=1e-6)
+
+    fresh = GPT(model.config)
+    optimizer = fresh.configure_optimizer(1e-3, 0.1, (0.9, 0.95), "cpu")
+    state = TrainerState(WarmupCosine(1e-3, 2, 10), choose_precision("fp32", torch.device("cpu")).scaler, 7, spec, 1)
+    found_rng = load_training_checkpoint(os.path.join(GOLDEN, "checkpoint_00000001"), 0, model=fresh,
+                                         optimizer=optimizer, trainer=state, rng=RngState(),
+                                         expected="the golden model", where="golden")
+    assert found_rng and state.step == 1 and state.tokens_seen == 32
+    assert optimizer.state_dict()["state"][0]["step"] == 1

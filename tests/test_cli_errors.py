@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from raygpt.checkpoint import save_training_checkpoint
 from raygpt.cli import main
 from raygpt.config import load_spec
-from raygpt.data import TrainBatches, load_manifest
+from raygpt.data.batches import TrainBatches
+from raygpt.data.manifest import load_manifest
 from raygpt.model import GPT, PRESETS
-from raygpt.schedule import WarmupCosine
 from raygpt.storage import Storage
-from raygpt.train import RngState, TrainerState, choose_precision
+from raygpt.train.components import RngState, TrainerState, choose_precision
+from raygpt.train.schedule import WarmupCosine
+from raygpt.weights.checkpoint import save_training_checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -69,7 +70,7 @@ def local_dataset(tmp_path_factory) -> Path:
     """A small local dataset in shards of 2048 tokens (two global batches), for the tests that break it."""
     import random
 
-    from raygpt.data import prepare
+    from raygpt.data.prepare import prepare
 
     root = tmp_path_factory.mktemp("dataset")
     rng = random.Random(1)

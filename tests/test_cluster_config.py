@@ -10,13 +10,13 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
-from raygpt.doctor import Check, doctor_command, run_checks
+from raygpt.cli.doctor import Check, doctor_command, run_checks
 from raygpt.tokenizer import BPE_SHA256, verify_bpe_dir
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,8 +18,11 @@ from rich.console import Console
 
 from raygpt.cli import main
 from raygpt.config import DataConfig, RunSpec
-from raygpt.data import (FORMAT, SPLITS, ShardCache, TrainBatches, assign_split, chinchilla_tokens,
-                         count_eval_windows, eval_batches, load_manifest, manifest_hash, open_source, prepare)
+from raygpt.data.batches import TrainBatches, count_eval_windows, eval_batches
+from raygpt.data.cache import ShardCache
+from raygpt.data.manifest import FORMAT, SPLITS, load_manifest, manifest_hash
+from raygpt.data.prepare import assign_split, chinchilla_tokens, prepare
+from raygpt.data.sources import open_source
 from raygpt.errors import RaygptError
 from raygpt.storage import Storage
 from raygpt.tokenizer import EOT_ID, decode
@@ -390,3 +393,35 @@ def test_prepare_to_s3_and_train_from_it(s3_env, corpus, prepared, tmp_path):
     Storage().write_bytes(f"{uri}/test_000000.bin", b"\x01\x00" * manifest["splits"]["test"]["shards"][0]["tokens"])
     with pytest.raises(RaygptError, match=r"s3://raygpt-test/data-\w+/test_000000.bin: sha256 mismatch \(corrupt shard\)"):
         ShardCache(uri, Storage(), cache_dir=tmp_path / "fresh").tokens("test", 0)
+
+
+@pytest.mark.integration
+def test_a_bounded_cache_never_evicts_a_shard_another_worker_on_the_node_reads(s3_env, corpus, tmp_path):
+    import subprocess
+    import sys
+
+    uri = f"s3://raygpt-test/data-{os.urandom(4).hex()}"
+    manifest = prepare(data_spec(corpus[0], uri), Storage())
+    names = [s["name"] for s in manifest["splits"]["train"]["shards"]]
+    assert len(names) >= 3
+    # Another rank on this node (a live process) has mapped the first shard...
+    other = ShardCache(uri, Storage(), cache_dir=tmp_path, max_cached_shards=1)
+    other.tokens("train", 0)
+    folder = other.cache_dir
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    try:
+        (folder / f".in-use-{os.getpid()}").rename(folder / f".in-use-{sleeper.pid}")
+        (folder / f".in-use-{dead.stdout.strip()}").write_text(names[1])  # a crashed worker's stale list
+        # ...while this one, bounded to one shard, reads the others.
+        mine = ShardCache(uri, Storage(), cache_dir=tmp_path, max_cached_shards=1)
+        mine.release(set())
+        for index in range(1, len(names)):
+            mine.tokens("train", index)
+            mine.release({("train", index)})
+        kept = {p.name for p in folder.glob("*.bin")}
+        assert names[0] in kept  # in use by the live process
+        assert names[1] not in kept  # only a dead process listed it
+        assert not (folder / f".in-use-{dead.stdout.strip()}").exists()
+    finally:
+        sleeper.kill()

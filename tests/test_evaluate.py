@@ -9,15 +9,16 @@ from dataclasses import replace
 import pytest
 import torch
 
-from raygpt.checkpoint import save_model_dir, save_training_checkpoint
 from raygpt.cli import main
 from raygpt.config import load_spec
-from raygpt.data import eval_batches, load_manifest, manifest_hash
+from raygpt.data.batches import eval_batches
+from raygpt.data.manifest import load_manifest, manifest_hash
 from raygpt.evaluate import evaluate, token_loss_sums
 from raygpt.model import GPT, PRESETS
-from raygpt.schedule import WarmupCosine
 from raygpt.storage import Storage, join
-from raygpt.train import RngState, TrainerState, choose_precision
+from raygpt.train.components import RngState, TrainerState, choose_precision
+from raygpt.train.schedule import WarmupCosine
+from raygpt.weights.checkpoint import save_model_dir, save_training_checkpoint
 
 pytestmark = pytest.mark.integration
 

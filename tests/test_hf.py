@@ -21,9 +21,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from raygpt.errors import RaygptError
-from raygpt.hf import export_hf, load_hf_dir, load_openai
 from raygpt.model import GPT, PRESETS
 from raygpt.tokenizer import EOT_ID
+from raygpt.weights.hf import export_hf, load_hf_dir, load_openai
 
 transformers = pytest.importorskip("transformers")
 
@@ -227,8 +227,8 @@ def test_gpt2_small_shape_round_trips_through_export(small_hf, tmp_path):
 
 def test_export_command_publishes_openai_and_raygpt_checkpoints(tiny_hf, tmp_path, monkeypatch, capsys):
     """``raygpt export MODEL OUTDIR`` for an ``openai:`` ref and for a raygpt model folder."""
-    from raygpt.checkpoint import save_model_dir
     from raygpt.cli import main
+    from raygpt.weights.checkpoint import save_model_dir
 
     theirs, directory = tiny_hf
     monkeypatch.setenv("RAYGPT_HF_DIR", str(directory.parent))
@@ -253,7 +253,8 @@ def test_export_command_publishes_openai_and_raygpt_checkpoints(tiny_hf, tmp_pat
 def test_test_loss_of_an_openai_ref_is_transformers_loss(tiny_hf, tmp_path, monkeypatch):
     """``raygpt eval``'s per-model scorer on ``openai:gpt2`` gives GPT-2's own loss on the same windows."""
     from raygpt.config import load_spec
-    from raygpt.data import eval_batches, prepare
+    from raygpt.data.batches import eval_batches
+    from raygpt.data.prepare import prepare
     from raygpt.evaluate import model_test_loss
     from raygpt.storage import Storage
 
@@ -395,7 +396,7 @@ def test_unreachable_hub_is_one_error_that_says_how_to_work_offline(tmp_path):
     """Offline mode with an empty cache fails the same way everywhere, network or not."""
     env = {k: v for k, v in os.environ.items() if k != "RAYGPT_HF_DIR"}
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"))
-    code = ("from raygpt.errors import RaygptError\nfrom raygpt.hf import load_openai\n"
+    code = ("from raygpt.errors import RaygptError\nfrom raygpt.weights.hf import load_openai\n"
             "try:\n    load_openai('gpt2-medium')\nexcept RaygptError as e:\n    print(e)\n")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

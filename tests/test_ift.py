@@ -240,9 +240,9 @@ def test_the_books_instruction_data_splits_and_formats_as_in_the_book():
 
 
 def test_one_model_writes_answers_metrics_and_model_to_a_local_folder(tmp_path):
-    from raygpt.checkpoint import save_model_dir
     from raygpt.config import RunSpec
     from raygpt.ift import finetune_one
+    from raygpt.weights.checkpoint import save_model_dir
 
     save_model_dir(tiny_gpt(), TINY, tmp_path / "base")
     splits = split_instruction_data(make_instructions(30))
@@ -262,10 +262,11 @@ def test_one_model_writes_answers_metrics_and_model_to_a_local_folder(tmp_path):
 
 @pytest.mark.integration
 def test_ift_command_fine_tunes_two_models_in_parallel_on_ray(ray_local, s3_env, tmp_path, capsys):
-    from raygpt.checkpoint import load_model, save_model_dir
     from raygpt.cli import main
     from raygpt.config import RunSpec
     from raygpt.storage import join
+    from raygpt.weights.checkpoint import save_model_dir
+    from raygpt.weights.refs import load_model
 
     storage = Storage()
     bases = []

@@ -24,10 +24,17 @@ from types import SimpleNamespace
 import pytest
 
 from raygpt.cli import main
+from raygpt.cli.jobs import (
+    entrypoint_for,
+    find_auth_token,
+    next_submission_id,
+    resolve_address,
+    stage_working_dir,
+    submission_id_for,
+    verb_for,
+)
 from raygpt.config import load_spec
 from raygpt.errors import RaygptError
-from raygpt.jobs import (entrypoint_for, find_auth_token, next_submission_id, resolve_address, stage_working_dir,
-                         submission_id_for, verb_for)
 
 # Ray's own job client passes ssl=None to aiohttp, which aiohttp now deprecates.
 pytestmark = pytest.mark.filterwarnings("ignore:ssl=None is deprecated:DeprecationWarning")
@@ -155,7 +162,7 @@ def test_only_the_spec_is_uploaded_at_its_relative_path(tmp_path, monkeypatch):
 
 
 def test_relative_paths_that_would_vanish_with_the_job_are_named():
-    from raygpt.jobs import cluster_local_paths
+    from raygpt.cli.jobs import cluster_local_paths
 
     spec = load_spec(JOBS / "report.yaml")
     assert cluster_local_paths(spec, "report") == ["report.output: report"]
@@ -306,7 +313,7 @@ def _client(head: Head):
 def dataset(s3_server):
     """A tiny stdlib-docstring dataset in the test bucket, made with raygpt's own data prepare."""
     from raygpt.config import DataConfig, RunSpec
-    from raygpt.data import prepare
+    from raygpt.data.prepare import prepare
     from raygpt.storage import Storage
 
     prefix = f"s3://raygpt-test/jobs-{secrets.token_hex(4)}"
@@ -346,7 +353,7 @@ def test_a_wrong_token_is_refused(as_client, monkeypatch, capsys):
 
 @pytest.mark.integration
 def test_doctor_sees_the_cluster_and_its_ray_version(as_client):
-    from raygpt.doctor import run_checks
+    from raygpt.cli.doctor import run_checks
 
     checks = {c.name: c for c in run_checks(address=as_client.url)}
     assert checks["auth token"].status == "PASS" and str(as_client.token_file) in checks["auth token"].detail

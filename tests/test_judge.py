@@ -17,15 +17,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fake_openai import EMPTY_SCORE, REFERENCE_SCORE, FakeOpenAI, Reply
 from rich.console import Console
 
-from fake_openai import EMPTY_SCORE, REFERENCE_SCORE, FakeOpenAI, Reply
 from raygpt.cli import main
 from raygpt.config import load_spec
 from raygpt.errors import RaygptError
-from raygpt.judge import EMPTY_ANCHOR, REFERENCE_ANCHOR, presentation_orders, run_judge
-from raygpt.judge_prompts import ComparativePrompt, ReplyError, SinglePrompt
+from raygpt.judge.prompts import ComparativePrompt, ReplyError, SinglePrompt
+from raygpt.judge.run import presentation_orders, run_judge
 from raygpt.prompts import AlpacaPrompt
+from raygpt.stages import EMPTY_ANCHOR, REFERENCE_ANCHOR
 from raygpt.stats import bootstrap_mean_ci, kendall_tau_b, rankdata, spearman
 from raygpt.storage import Storage
 

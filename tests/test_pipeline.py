@@ -8,11 +8,11 @@ import json
 
 import pytest
 import torch
-
 from fake_openai import EMPTY_SCORE, REFERENCE_SCORE, FakeOpenAI
-from raygpt.checkpoint import save_model_dir
+
 from raygpt.cli import main
 from raygpt.model import GPT, GPTConfig
+from raygpt.weights.checkpoint import save_model_dir
 
 transformers = pytest.importorskip("transformers")
 

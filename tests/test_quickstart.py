@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from raygpt.quickstart import quickstart_spec
-from raygpt.train import plan_run
+from raygpt.cli.quickstart import quickstart_spec
+from raygpt.train.plan import plan_run
 
 
 def test_embedded_spec_is_valid_and_its_batches_divide():

@@ -195,7 +195,7 @@ def test_judge_then_report_end_to_end(tmp_path, monkeypatch):
     from fake_openai import FakeOpenAI
     from test_judge import QUALITY, make_spec, quiet, write_answers
 
-    from raygpt.judge import run_judge
+    from raygpt.judge.run import run_judge
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     write_answers(tmp_path)
@@ -217,7 +217,7 @@ def test_judge_and_report_over_s3(s3_env, tmp_path, monkeypatch):
     from fake_openai import FakeOpenAI
     from test_judge import QUALITY, make_spec, quiet, write_answers
 
-    from raygpt.judge import run_judge
+    from raygpt.judge.run import run_judge
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     storage = Storage()

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from raygpt.checkpoint import latest_checkpoint, load_model
 from raygpt.config import load_spec
 from raygpt.errors import RaygptError
-from raygpt.runrecord import read_metrics, step_losses
 from raygpt.storage import Storage, join
-from raygpt.train import plan_run, train
+from raygpt.train.launch import train
+from raygpt.train.metrics import read_metrics, step_losses
+from raygpt.train.plan import plan_run
+from raygpt.weights.checkpoint import latest_checkpoint
+from raygpt.weights.refs import load_model
 
 MAX_STEPS = 8
 
@@ -78,7 +80,7 @@ def test_progress_view_on_a_terminal():
 
     from rich.console import Console
 
-    from raygpt.train import ProgressView
+    from raygpt.train.progress import ProgressView
 
     plan = plan_run(load_spec(None, ["model.preset=tiny", "train.global_batch_tokens=1024", "train.max_steps=10"]),
                     train_tokens=100_000, use_gpu=False)

@@ -1,5 +1,4 @@
-"""OpenAI's GPT-2 weights in raygpt, and raygpt models out as Hugging Face GPT-2 folders.
-
+"""
 The Hugging Face GPT-2 layout is a folder with ``config.json`` and ``model.safetensors``
 (what ``transformers.GPT2LMHeadModel.from_pretrained`` reads). Its tensor names are
 raygpt's (``model.py`` follows OpenAI's naming), with two differences the mapping handles:
@@ -29,35 +28,50 @@ import logging
 import os
 import re
 import tempfile
-import uuid
 from pathlib import Path
 
 import torch
 
 from raygpt.errors import RaygptError
 from raygpt.model import GPT, PRESETS, GPTConfig
+from raygpt.storage import write_local_atomically
 from raygpt.tokenizer import EOT_ID
 
 log = logging.getLogger(__name__)
 
+
 # OpenAI's four GPT-2 sizes and the raygpt preset with the same shape.
 OPENAI_MODELS = {"gpt2": "gpt2-small", "gpt2-medium": "gpt2-medium", "gpt2-large": "gpt2-large", "gpt2-xl": "gpt2-xl"}
+
+
 HUB_ORGANISATION = "openai-community"
+
+
 CONFIG_FILE = "config.json"
+
+
 WEIGHTS_FILE = "model.safetensors"
+
+
 SHARD_INDEX_FILE = "model.safetensors.index.json"
+
+
 BODY_PREFIX = "transformer."
+
+
 # (in, out)-stored matmuls: transposed between Hugging Face's Conv1D and raygpt's nn.Linear.
 CONV1D_WEIGHT = re.compile(r"^transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
+
+
 # Causal-mask buffers that older checkpoints saved next to the weights.
 MASK_BUFFER = re.compile(r"^transformer\.h\.\d+\.attn\.(bias|masked_bias)$")
+
+
 # tanh-approximated GELU under its two Hugging Face names; raygpt's MLP computes exactly this.
 TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
+
+
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which raygpt's blocks use
-
-
-# ---------------------------------------------------------------------------------------------
-# Import
 
 
 def load_openai(name: str, local_dir: str | os.PathLike | None = None) -> GPT:
@@ -264,10 +278,6 @@ def _hf_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(shape)) if CONV1D_WEIGHT.match(name) else shape
 
 
-# ---------------------------------------------------------------------------------------------
-# Export
-
-
 def export_hf(model: GPT, out_dir: str | os.PathLike, storage=None, provenance: dict[str, str] | None = None) -> list[str]:
     """Write ``model`` as a Hugging Face GPT-2 folder that ``GPT2LMHeadModel.from_pretrained``
     loads and that computes the same logits. Returns the URIs written.
@@ -365,14 +375,7 @@ def _write_hf_folder(model: GPT, directory: Path, provenance: dict[str, str] | N
     written = []
 
     def commit(name: str, write) -> None:
-        tmp = directory / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            write(tmp)
-            tmp.replace(directory / name)
-        except OSError as e:
-            raise RaygptError(f"{directory / name}: cannot write ({e.strerror or e})") from None
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_local_atomically(directory / name, write)
         written.append(name)
 
     commit(WEIGHTS_FILE, lambda tmp: save_file(hf_state_dict(model), str(tmp), metadata=metadata))
@@ -394,25 +397,3 @@ def _tokenizer_files() -> dict[str, Path]:
     except RaygptError:
         return {}
     return {"vocab.json": candidates[0] / "encoder.json", "merges.txt": candidates[0] / "vocab.bpe"}
-
-
-def export_command(args) -> int:
-    """``raygpt export MODEL OUTDIR``: a checkpoint (run name, checkpoint URI, openai:NAME) as
-    a Hugging Face GPT-2 folder."""
-    from raygpt.checkpoint import load_model
-    from raygpt.config import load_spec
-    from raygpt.storage import Storage
-
-    spec = load_spec(args.spec, args.overrides)
-    storage = Storage.from_config(spec.storage)
-    model, info = load_model(args.model, spec, storage, "cpu")
-    provenance = {"source": args.model}
-    provenance.update({key: str(info[key]) for key in ("step", "tokens") if info.get(key) is not None})
-    written = export_hf(model, args.output, storage=storage, provenance=provenance)
-    c = model.config
-    head = "tied head" if c.tie_weights else "untied head"
-    print(f"exported {info.get('id', args.model)} ({model.num_params():,} params, {c.n_layer} layers, {head}) "
-          f"to {args.output}: {', '.join(Path(w).name for w in written)}")
-    print(f"load it with transformers.GPT2LMHeadModel.from_pretrained({str(args.output)!r})")
-    return 0
-

@@ -194,7 +194,7 @@ def check_storage(uri: str | None) -> Check:
 
 
 def check_cluster(address: str | None) -> list[Check]:
-    from raygpt.jobs import TOKEN_PLACES, find_auth_token
+    from raygpt.cli.jobs import TOKEN_PLACES, find_auth_token
 
     address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
     try:
@@ -221,7 +221,7 @@ def _check_dashboard(address: str) -> Check:
     import ray
     import requests
 
-    from raygpt.jobs import find_auth_token, job_client, resolve_address
+    from raygpt.cli.jobs import find_auth_token, job_client, resolve_address
 
     url = resolve_address(address)
     client = job_client(url)  # unreachable, or token refused: a RaygptError, reported as a FAIL

@@ -25,13 +25,12 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from raygpt.config import DataConfig, RunSpec, load_spec
+from raygpt.config import DataConfig, RunSpec, load_spec, without_userinfo
 from raygpt.errors import RaygptError
 from raygpt.localstore import S3_PORT, SeaweedFS, free_port_block
-from raygpt.runrecord import without_userinfo
 from raygpt.storage import Storage, join
 
-PRESET = Path(__file__).with_name("presets") / "quickstart.yaml"
+PRESET = Path(__file__).parent.parent / "presets" / "quickstart.yaml"
 
 
 def start_store(args, workdir: Path, console: Console, stack: contextlib.ExitStack) -> str:
@@ -56,7 +55,7 @@ def start_store(args, workdir: Path, console: Console, stack: contextlib.ExitSta
 
 def choose_source(requested: str | None, console: Console) -> str:
     """``requested``, else FineWeb when the hub answers, else the standard library's docstrings."""
-    from raygpt.data import open_source
+    from raygpt.data.sources import open_source
 
     if requested:
         return requested
@@ -110,9 +109,9 @@ def quickstart_command(args) -> int:
     import ray
 
     from raygpt.cluster import connect
-    from raygpt.data import prepare
+    from raygpt.data.prepare import prepare
     from raygpt.evaluate import evaluate
-    from raygpt.train import train
+    from raygpt.train.launch import train
 
     console = Console()
     if not console.is_terminal:  # logs and CI: wide enough for the summary table

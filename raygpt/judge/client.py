@@ -26,7 +26,7 @@ import openai
 
 from raygpt.config import JudgeConfig
 from raygpt.errors import RaygptError
-from raygpt.judge_prompts import ReplyError, Score
+from raygpt.judge.prompts import ReplyError, Score
 from raygpt.storage import Storage, join
 
 # USD per million tokens (input, output), OpenAI list prices. Dated snapshots
@@ -302,6 +302,3 @@ class JudgeCache:
     def put(self, key: str, reply: str, usage: Usage, attempts: int, described: dict[str, Any]) -> None:
         self.storage.write_json(self.path(key), {"key": key, "reply": reply, "usage": asdict(usage),
                                                  "attempts": attempts, "created": time.time(), **described})
-
-    def count(self) -> int:
-        return sum(1 for name in self.storage.list(self.root, recursive=True) if name.endswith(".json"))

@@ -1,4 +1,4 @@
-"""Checkpoints: what a training checkpoint folder holds, and loading a model from any reference.
+"""Training checkpoints: what a checkpoint folder holds, and finding the newest complete one.
 
 A training checkpoint is the sum of the trainer's components, each saved by its own
 ``state_dict``: rank 0 writes the shared files, every rank its own RNG file, and Ray Train
@@ -12,34 +12,40 @@ merges the ranks' folders into one ``checkpoint_<step>/`` under the run::
                         and the size of each file above (rank 0, written last)
 
 A model-only folder (``save_model_dir``, used for fine-tuned models) holds just ``model.pt``
-and ``model_config.json``. ``load_model`` accepts a run name, a run folder, a checkpoint or
-model folder (local or ``s3://``), or ``openai:NAME``.
+and ``model_config.json``.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import tempfile
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Protocol
 
-import pyarrow.fs as pafs
 import torch
 import torch.nn as nn
 
 from raygpt.errors import RaygptError
 from raygpt.model import GPT, GPTConfig
-from raygpt.storage import Storage, explain_storage_error, is_remote, join
+from raygpt.storage import Storage, join, write_local_atomically
 
 MODEL_FILE = "model.pt"
+
+
 OPTIMIZER_FILE = "optimizer.pt"
+
+
 MODEL_CONFIG_FILE = "model_config.json"
+
+
 TRAINER_STATE_FILE = "trainer_state.json"
+
+
 CHECKPOINT_PREFIX = "checkpoint_"
+
+
 CHECKPOINT_NAME = re.compile(r"^checkpoint_\d+$")  # not Ray's checkpoint_manager_snapshot.json
-OPENAI_PREFIX = "openai:"
 
 
 def rng_file(rank: int) -> str:
@@ -55,10 +61,6 @@ class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> Any: ...
-
-
-# ---------------------------------------------------------------------------------------------
-# Training checkpoints
 
 
 def save_training_checkpoint(directory: str | Path, rank: int, *, model: nn.Module, optimizer: Stateful,
@@ -151,20 +153,6 @@ def model_config_from_dict(raw: dict[str, Any], where: str) -> GPTConfig:
         raise RaygptError(f"{where}: invalid model config ({e})") from None
 
 
-# ---------------------------------------------------------------------------------------------
-# Finding checkpoints in storage
-
-
-def list_checkpoints(run_uri: str, storage: Storage) -> list[str]:
-    """URIs of the complete checkpoints of a run, oldest first.
-
-    A checkpoint is complete when its ``trainer_state.json`` is there and every file it lists
-    has the recorded size: an upload cut off by a lost node leaves an incomplete one behind.
-    """
-    names = sorted(n for n in storage.list(run_uri) if CHECKPOINT_NAME.match(n))
-    return [join(run_uri, n) for n in names if _is_complete(join(run_uri, n), storage)]
-
-
 def latest_checkpoint(run_uri: str, storage: Storage) -> str | None:
     """URI of the newest complete checkpoint of a run, or None."""
     names = sorted((n for n in storage.list(run_uri) if CHECKPOINT_NAME.match(n)), reverse=True)
@@ -182,103 +170,7 @@ def _is_complete(checkpoint_uri: str, storage: Storage) -> bool:
         expected_sizes = storage.read_json(state_uri).get("files", {})
     except RaygptError:
         return False
-    return all(stored_size(join(checkpoint_uri, name), storage) == size for name, size in expected_sizes.items())
-
-
-def stored_size(uri: str, storage: Storage) -> int | None:
-    """Size in bytes of a stored file, or None when there is none."""
-    fs, path = storage.resolve(uri)
-    try:
-        info = fs.get_file_info(path)
-    except OSError as e:
-        raise RaygptError(explain_storage_error(uri, "check", e)) from None
-    return info.size if info.type == pafs.FileType.File else None
-
-
-def resolve_model_folder(ref: str, storage_path: str, storage: Storage) -> str:
-    """The folder holding ``model.pt`` for a run name, a run folder, or a checkpoint/model folder."""
-    candidates = [ref] if (is_remote(ref) or "/" in ref or Path(ref).exists()) else []
-    candidates.append(join(storage_path, ref))
-    for uri in candidates:
-        if storage.exists(join(uri, MODEL_FILE)):
-            return uri
-        latest = latest_checkpoint(uri, storage)
-        if latest is not None:
-            return latest
-    looked = " or ".join(candidates)
-    raise RaygptError(f"model {ref!r}: no checkpoint found at {looked} (expected a run with a complete "
-                      f"{CHECKPOINT_PREFIX}* folder, or a folder with {MODEL_FILE}); "
-                      "check the name and storage_path, or use openai:gpt2")
-
-
-# ---------------------------------------------------------------------------------------------
-# Models for evaluation, fine-tuning and export
-
-
-def model_id(ref: str) -> str:
-    """A short, filesystem-safe display name: ``openai:gpt2`` -> ``openai-gpt2``; a run name
-    stays itself; a folder gives its name, prefixed with its run's for ``checkpoint_*`` folders."""
-    if ref.startswith(OPENAI_PREFIX):
-        name = "openai-" + ref[len(OPENAI_PREFIX):]
-    else:
-        parts = [p for p in ref.rstrip("/").split("/") if p and p != "s3:"]
-        name = parts[-1] if parts else ref
-        if name.startswith(CHECKPOINT_PREFIX) and len(parts) > 1:
-            name = f"{parts[-2]}-{name}"
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "model"
-
-
-def describe_model(ref: str, spec: Any, storage: Storage) -> tuple[GPTConfig, str | None]:
-    """A model's architecture and its folder, without loading any weights (cheap: one JSON read)."""
-    if ref.startswith(OPENAI_PREFIX):
-        from raygpt.hf import OPENAI_MODELS
-        from raygpt.model import PRESETS
-
-        name = ref[len(OPENAI_PREFIX):]
-        if name not in OPENAI_MODELS:
-            raise RaygptError(f"{ref}: unknown OpenAI model (known: {', '.join(OPENAI_MODELS)})")
-        base = PRESETS[OPENAI_MODELS[name]]
-        return GPTConfig(**{**asdict(base), "qkv_bias": True, "tie_weights": True}), None
-    folder = resolve_model_folder(ref, spec.storage_path, storage)
-    config_uri = join(folder, MODEL_CONFIG_FILE)
-    if not storage.exists(config_uri):
-        raise RaygptError(f"{folder}: no {MODEL_CONFIG_FILE}, so the model's shape is unknown")
-    return model_config_from_dict(storage.read_json(config_uri), config_uri), folder
-
-
-def load_model(ref: str, spec: Any, storage: Storage, device: str | torch.device = "cpu") -> tuple[GPT, dict[str, Any]]:
-    """A model in eval mode on ``device`` and a description of it.
-
-    ``ref``: a run name under ``spec.storage_path`` (its newest complete checkpoint), a run,
-    checkpoint or model folder (local or ``s3://``), or ``openai:NAME``. The description holds
-    ``id``, ``ref``, ``params``, ``step``, ``tokens``, ``checkpoint`` (the folder, None for
-    OpenAI's) and ``config`` (GPTConfig fields).
-    """
-    info: dict[str, Any] = {"id": model_id(ref), "ref": ref, "step": None, "tokens": None, "checkpoint": None}
-    if ref.startswith(OPENAI_PREFIX):
-        from raygpt.hf import load_openai
-
-        model = load_openai(ref[len(OPENAI_PREFIX):])
-    else:
-        config, folder = describe_model(ref, spec, storage)
-        model = GPT(config)
-        with tempfile.TemporaryDirectory(prefix="raygpt-model-") as tmp:
-            local = Path(tmp) / MODEL_FILE
-            storage.download(join(folder, MODEL_FILE), local)
-            try:
-                state_dict = torch.load(local, map_location="cpu", weights_only=True)
-            except Exception as e:  # a truncated or foreign file: torch raises several types
-                raise RaygptError(f"{join(folder, MODEL_FILE)}: cannot read the weights ({e})") from None
-        load_state_dict_checked(model, state_dict, where=folder, expected=f"the model in its {MODEL_CONFIG_FILE}",
-                                hint=f"its {MODEL_FILE} and {MODEL_CONFIG_FILE} disagree")
-        state_uri = join(folder, TRAINER_STATE_FILE)
-        if storage.exists(state_uri):
-            state = storage.read_json(state_uri)
-            info.update(step=state.get("step"), tokens=state.get("tokens_seen"))
-        info["checkpoint"] = folder
-    model.to(device).eval()
-    info.update(params=model.num_params(), config=asdict(model.config))
-    return model, info
+    return all(storage.stored_size(join(checkpoint_uri, name)) == size for name, size in expected_sizes.items())
 
 
 def save_model_dir(model: GPT, config: GPTConfig, path: str | Path) -> None:
@@ -289,7 +181,6 @@ def save_model_dir(model: GPT, config: GPTConfig, path: str | Path) -> None:
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     state_dict = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
-    tmp = directory / f".{MODEL_FILE}.tmp"
-    torch.save(state_dict, tmp)
-    tmp.replace(directory / MODEL_FILE)
-    (directory / MODEL_CONFIG_FILE).write_text(json.dumps(asdict(config), indent=2) + "\n")
+    write_local_atomically(directory / MODEL_FILE, lambda tmp: torch.save(state_dict, tmp))
+    write_local_atomically(directory / MODEL_CONFIG_FILE,
+                           lambda tmp: tmp.write_text(json.dumps(asdict(config), indent=2) + "\n"))

@@ -1,7 +1,8 @@
 """``raygpt``: one command, a verb per stage.
 
-Each verb's handler lives in the module of its concern and is imported only when that verb
-runs, so ``raygpt --help`` stays fast. A ``RaygptError`` anywhere becomes one line on stderr
+Each verb's handler lives in this package (``commands``, ``jobs``, ``doctor``, ``quickstart``)
+and is imported only when that verb runs, so ``raygpt --help`` stays fast; the handlers call
+the stages and hold no stage logic. A ``RaygptError`` anywhere becomes one line on stderr
 and exit status 2, never a traceback.
 """
 
@@ -44,19 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--tokens", type=int, help="training-token budget (data.tokens)")
     budget.add_argument("--chinchilla", metavar="PRESET", help="20 tokens per parameter of PRESET (data.chinchilla)")
     p.add_argument("--num-proc", type=int, help="tokenizer processes, 0: one per CPU (data.num_proc)")
-    p.set_defaults(handler="raygpt.data:prepare_command")
+    p.set_defaults(handler="raygpt.cli.commands:prepare_command")
 
     p = verbs.add_parser("train", help="pretrain with Ray Train (resumes a run of the same name)")
     _spec_args(p)
     _ray_args(p)
-    p.set_defaults(handler="raygpt.train:train_command")
+    p.set_defaults(handler="raygpt.cli.commands:train_command")
 
     p = verbs.add_parser("eval", help="test loss of checkpoints on the fixed test split")
     _spec_args(p)
     _ray_args(p)
     p.add_argument("--model", dest="models", action="append", default=None,
                    help="model to evaluate (run name, checkpoint URI, openai:gpt2); repeatable; replaces eval.models")
-    p.set_defaults(handler="raygpt.evaluate:eval_command")
+    p.set_defaults(handler="raygpt.cli.commands:eval_command")
 
     p = verbs.add_parser("ift", help="instruction fine-tuning and answer generation")
     _spec_args(p, required=False)
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="instruction data: URL, local path or s3:// URI (ift.data)")
     p.add_argument("--output", default=None, help="where answers, metrics and models go (ift.output)")
     p.add_argument("--force", action="store_true", help="redo models whose answers are already there")
-    p.set_defaults(handler="raygpt.ift:ift_command")
+    p.set_defaults(handler="raygpt.cli.commands:ift_command")
 
     p = verbs.add_parser("judge", help="score fine-tuned answers with an LLM judge")
     _spec_args(p)
@@ -74,18 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="answers file from `raygpt ift`; repeatable; replaces judge.answers")
     p.add_argument("--dry-run", action="store_true",
                    help="check the inputs and count the calls (and cached ones) without calling the judge")
-    p.set_defaults(handler="raygpt.judge:judge_command")
+    p.set_defaults(handler="raygpt.cli.commands:judge_command")
 
     p = verbs.add_parser("report", help="compare runs: terminal table, Markdown/JSON/CSV, plots")
     _spec_args(p, required=False)
     p.add_argument("--output", default=None, help="local directory for the report files (report.output)")
-    p.set_defaults(handler="raygpt.report:report_command")
+    p.set_defaults(handler="raygpt.cli.commands:report_command")
 
     p = verbs.add_parser("export", help="a checkpoint as a Hugging Face GPT-2 directory")
     p.add_argument("model", help="run name, checkpoint URI or openai:NAME")
     p.add_argument("output", help="directory for config.json + model.safetensors")
     _spec_args(p, required=False)
-    p.set_defaults(handler="raygpt.hf:export_command")
+    p.set_defaults(handler="raygpt.cli.commands:export_command")
 
     p = verbs.add_parser("quickstart", help="the whole path on one machine, in minutes")
     p.add_argument("--workdir", default=".raygpt/quickstart", help="where data, store and report go")
@@ -95,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting of the embedded spec (raygpt/presets/quickstart.yaml), "
                         "e.g. --set train.max_steps=200")
-    p.set_defaults(handler="raygpt.quickstart:quickstart_command")
+    p.set_defaults(handler="raygpt.cli.quickstart:quickstart_command")
 
     p = verbs.add_parser("submit", help="submit a run spec as a Ray job and follow its logs")
     _spec_args(p)
@@ -106,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-follow", action="store_true", help="return after submitting")
     p.add_argument("--working-dir", default=None, metavar="DIR",
                    help="upload this folder with the job (it must hold the spec); default: the spec alone")
-    p.set_defaults(handler="raygpt.jobs:submit_command")
+    p.set_defaults(handler="raygpt.cli.jobs:submit_command")
 
     p = verbs.add_parser("jobs", help="status, logs or stop of a submitted job")
     p.add_argument("action", choices=["status", "logs", "stop", "list"])
@@ -114,14 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="submission id (raygpt-<verb>-<run name>[-N]), or a spec file for its latest submission")
     p.add_argument("--address", default=None, help="Ray dashboard address (default: $RAY_ADDRESS or http://127.0.0.1:8265)")
     p.add_argument("--follow", action="store_true", help="logs: stream until the job ends (Ctrl-C detaches)")
-    p.set_defaults(handler="raygpt.jobs:jobs_command")
+    p.set_defaults(handler="raygpt.cli.jobs:jobs_command")
 
     p = verbs.add_parser("doctor", help="check versions, GPUs/NCCL, tokenizer and storage")
     p.add_argument("--storage", default=None, help="URI whose reachability to check (e.g. s3://bucket/prefix)")
     p.add_argument("--address", default=None,
                    help="Ray cluster to check: dashboard URL or GCS address (default: $RAY_ADDRESS; none: skipped)")
     p.add_argument("--require-gpu", action="store_true", help="no GPU (or no NCCL) is a failure, not a warning")
-    p.set_defaults(handler="raygpt.doctor:doctor_command")
+    p.set_defaults(handler="raygpt.cli.doctor:doctor_command")
     return parser
 
 
@@ -138,7 +139,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"raygpt {args.verb}: interrupted", file=sys.stderr)
         return 130
     return int(status or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,106 @@
+"""The answers being judged: one ``AnswerSet`` per model, read from ``raygpt ift``'s answer files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+from raygpt.config import RunSpec
+from raygpt.errors import RaygptError
+from raygpt.stages import EMPTY_ANCHOR, REFERENCE_ANCHOR, answers_dir
+from raygpt.storage import Storage, join
+
+ITEM_FIELDS = ("instruction", "input", "output", "response")
+
+
+@dataclass
+class AnswerSet:
+    """One model's answers to the held-out instructions (an answers file of ``raygpt ift``)."""
+
+    model: str
+    uri: str
+    base_model: str | None
+    dataset: dict
+    items: list[dict]
+
+
+def load_answer_sets(spec: RunSpec, storage: Storage) -> list[AnswerSet]:
+    """The answers files named in ``judge.answers``, else every ``*.json`` under the IFT output."""
+    uris = list(spec.judge.answers)
+    if not uris:
+        root = answers_dir(spec)
+        uris = [join(root, name) for name in storage.list(root) if name.endswith(".json")]
+        if not uris:
+            raise RaygptError(f"judge: no answers files under {root}: run `raygpt ift` first, "
+                              f"or list the files in judge.answers")
+    sets = [_read_answer_set(uri, storage) for uri in uris]
+    seen: dict[str, str] = {}
+    for answers in sets:
+        if answers.model in seen:
+            raise RaygptError(f"judge: {answers.uri} and {seen[answers.model]} both hold answers of model "
+                              f"{answers.model!r}: judge each model once")
+        seen[answers.model] = answers.uri
+    return sets
+
+
+def _read_answer_set(uri: str, storage: Storage) -> AnswerSet:
+    data = storage.read_json(uri)
+    if not isinstance(data, dict) or not isinstance(data.get("items"), list) or not data["items"]:
+        raise RaygptError(f"{uri}: not an answers file (expected an object with a non-empty 'items' list)")
+    model = data.get("model") or PurePosixPath(uri).stem
+    if not isinstance(model, str) or model.startswith("@"):
+        raise RaygptError(f"{uri}: model id {model!r} must be a string not starting with '@' (anchors use '@')")
+    items = []
+    for index, item in enumerate(data["items"]):
+        if not isinstance(item, dict):
+            raise RaygptError(f"{uri}: item {index} is not an object")
+        item = {"input": "", **item}
+        for key in ITEM_FIELDS:
+            if not isinstance(item.get(key), str):
+                raise RaygptError(f"{uri}: item {index}: field {key!r} is missing or not a string")
+        items.append(item)
+    return AnswerSet(model, uri, data.get("base_model"), data.get("dataset") or {}, items)
+
+
+def check_aligned(sets: list[AnswerSet]) -> None:
+    """All answers files must hold the same items in the same order with the same instruction,
+    input and reference: otherwise the models were not asked the same questions. Names the
+    first mismatch."""
+    first = sets[0]
+    for other in sets[1:]:
+        for index in range(max(len(first.items), len(other.items))):
+            if index >= len(other.items):
+                raise RaygptError(f"answers do not line up: {other.uri} has {len(other.items)} items, {first.uri} "
+                                  f"has {len(first.items)}: item {index} ({_item_id(first.items[index], index)}) is missing")
+            if index >= len(first.items):
+                raise RaygptError(f"answers do not line up: {other.uri} has {len(other.items)} items, {first.uri} "
+                                  f"has {len(first.items)}: item {index} ({_item_id(other.items[index], index)}) is extra")
+            ours, theirs = first.items[index], other.items[index]
+            for key in ("id", "instruction", "input", "output"):
+                if ours.get(key) != theirs.get(key):
+                    raise RaygptError(
+                        f"answers do not line up: {other.uri} item {index}: {key} {_clip(theirs.get(key))} differs "
+                        f"from {_clip(ours.get(key))} in {first.uri} (same items, same order and same references "
+                        f"are needed: generate all answers from one dataset split)")
+
+
+def _item_id(item: dict, index: int) -> str:
+    return f"id {item['id']}" if "id" in item else f"index {index}"
+
+
+def _clip(value: Any, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def candidates_of(sets: list[AnswerSet], anchors: bool) -> list[str]:
+    return [s.model for s in sets] + ([REFERENCE_ANCHOR, EMPTY_ANCHOR] if anchors else [])
+
+
+def answer_of(candidate: str, item_index: int, sets: dict[str, AnswerSet], reference_item: dict) -> str:
+    if candidate == REFERENCE_ANCHOR:
+        return reference_item["output"]
+    if candidate == EMPTY_ANCHOR:
+        return ""
+    return sets[candidate].items[item_index]["response"]

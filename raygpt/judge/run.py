@@ -1,0 +1,235 @@
+"""``raygpt judge``: score fine-tuned models' answers with an LLM judge, and say how far to trust it.
+
+The book's chapter-7 judge scores each answer alone; scores made in separate calls share no
+calibration, so they need not track model quality. Here, by default (``comparative`` mode),
+one call shows the judge every model's answer to one item side by side, with the reference
+answer, in an order shuffled per item; ``passes`` repeat it with the orders rotated so each
+answer is seen in other positions. Two hidden anchors join the candidates: the reference
+answer itself (should score high) and an empty answer (should score low).
+
+What comes out, under ``<judge.output or storage_path/judge>``:
+- ``judgements.jsonl``: every call (item, pass, order, label -> model, scores, reasons, raw
+  reply, attempts, cached or not, tokens);
+- ``summary.json``: per model the mean score, a bootstrap 95% interval over items, the spread
+  of the per-pass means and the failures; the anchors; agreement between passes (Spearman,
+  Kendall); a position-bias estimate; tokens and cost.
+
+A judgement that still fails after its retries is counted, never averaged in as a zero: an
+item with no score for a model leaves that model's mean (each item's score is the mean of its
+passes that succeeded), and the count shows how many items did.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Callable
+
+import numpy as np
+from rich.console import Console
+from rich.progress import Progress
+
+from raygpt.config import RunSpec
+from raygpt.errors import RaygptError
+from raygpt.judge.answers import AnswerSet, answer_of, candidates_of, check_aligned, load_answer_sets
+from raygpt.judge.client import EndpointGone, JudgeCache, JudgeEndpoint, Outcome, Usage, price_of, sampling_settings
+from raygpt.judge.prompts import LABELS, TEMPLATES, ReplyError
+from raygpt.judge.summary import _money, render_summary, summarize
+from raygpt.stages import JUDGE_SUMMARY_FILE, JUDGEMENTS_FILE, judge_dir
+from raygpt.storage import Storage, join
+
+
+@dataclass
+class JudgeCall:
+    """One request to the judge: which answers, in which order, and its cache key."""
+
+    pass_index: int
+    item_index: int
+    order: list[str]
+    """Candidate ids (models and anchors) in the order shown, labelled A, B, C..."""
+    messages: list[dict]
+    response_format: dict | None
+    seed: int
+    key: str
+
+    @property
+    def labels(self) -> list[str]:
+        return list(LABELS[: len(self.order)])
+
+
+def presentation_orders(candidates: list[str], items: int, passes: int, seed: int) -> list[list[list[str]]]:
+    """orders[pass][item]: a random order per item (seeded by seed and item), rotated by one
+    place per pass, so that across passes each answer meets other positions (a Latin square
+    when passes equals the number of candidates) and position bias averages out."""
+    orders: list[list[list[str]]] = [[] for _ in range(passes)]
+    for item in range(items):
+        base = [candidates[i] for i in np.random.default_rng([seed, item]).permutation(len(candidates))]
+        for p in range(passes):
+            shift = p % len(base)
+            orders[p].append(base[shift:] + base[:shift])
+    return orders
+
+
+def plan_calls(spec: RunSpec, sets: list[AnswerSet]) -> list[JudgeCall]:
+    """Every judge call of the run, in a fixed order, each with its cache key."""
+    config = spec.judge
+    template = TEMPLATES[config.mode]()
+    template_id = f"{template.name}/{template.version}"
+    by_model = {s.model: s for s in sets}
+    items = sets[0].items
+    candidates = candidates_of(sets, config.anchors)
+    if config.mode == "comparative" and len(candidates) > len(LABELS):
+        raise RaygptError(f"judge: {len(candidates)} candidates per item, at most {len(LABELS)} fit one comparative "
+                          f"call: judge fewer models at once or use judge.mode=single")
+    calls = []
+    orders = presentation_orders(candidates, len(items), config.passes, config.seed)
+    for p in range(config.passes):
+        seed = config.seed + p
+        settings = sampling_settings(config, seed)
+        for i, item in enumerate(items):
+            groups = [orders[p][i]] if config.mode == "comparative" else [[c] for c in candidates]
+            for order in groups:
+                answers = [answer_of(c, i, by_model, item) for c in order]
+                messages = template.messages(item, answers)
+                calls.append(JudgeCall(p, i, order, messages, template.response_format(list(LABELS[: len(order)])),
+                                       seed, JudgeCache.key(config.base_url, config.model, template_id, messages, settings)))
+    return calls
+
+
+def read_cached(calls: list[JudgeCall], spec: RunSpec, cache: JudgeCache, console: Console) -> list[Outcome | None]:
+    """The cached judgement of each call, or None where there is none (or none this template reads)."""
+    template = TEMPLATES[spec.judge.mode]()
+
+    def lookup(call: JudgeCall) -> Outcome | None:
+        entry = cache.get(call.key)
+        if entry is None:
+            return None
+        try:
+            scores = template.parse(entry["reply"], call.labels)
+            return Outcome(scores, entry["reply"], entry.get("attempts", 1), Usage(**entry["usage"]), cached=True)
+        except (ReplyError, TypeError, KeyError):
+            return None
+
+    return _in_parallel(lookup, calls, spec.judge.concurrency, console, "reading the cache")
+
+
+def judge_calls(calls: list[JudgeCall], spec: RunSpec, cache: JudgeCache, endpoint: JudgeEndpoint,
+                console: Console) -> list[Outcome]:
+    """Ask the judge, ``judge.concurrency`` calls at a time. Each judgement is cached as soon as
+    it arrives, so an interrupted run loses nothing."""
+    template = TEMPLATES[spec.judge.mode]()
+    template_id = f"{template.name}/{template.version}"
+
+    def judge_one(call: JudgeCall) -> Outcome:
+        outcome = endpoint.complete(call.messages, call.response_format, call.seed,
+                                    lambda reply: template.parse(reply, call.labels))
+        if outcome.scores is not None:
+            cache.put(call.key, outcome.reply, outcome.usage, outcome.attempts,
+                      {"template": template_id, "model": spec.judge.model, "seed": call.seed})
+        return outcome
+
+    return _in_parallel(judge_one, calls, spec.judge.concurrency, console, "judging", on_abort=endpoint.stopping.set)
+
+
+def _in_parallel(work: Callable[[JudgeCall], Any], calls: list[JudgeCall], concurrency: int, console: Console,
+                 what: str, on_abort: Callable[[], None] | None = None) -> list:
+    results: list = [None] * len(calls)
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
+        task = progress.add_task(what, total=len(calls))
+        pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="judge")
+        try:
+            futures = {pool.submit(work, call): index for index, call in enumerate(calls)}
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                progress.advance(task)
+        except BaseException:
+            # The endpoint gone, or Ctrl-C: start nothing new, cut backoffs short; what finished is cached.
+            if on_abort is not None:
+                on_abort()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+    return results
+
+
+def run_judge(spec: RunSpec, storage: Storage, console: Console | None = None, dry_run: bool = False) -> dict:
+    """Judge every answers file of the spec; write judgements.jsonl and summary.json (last).
+
+    Order of work: the API key, then the inputs (aligned?), then the cache, then the endpoint
+    (reachable, model served) if anything is left to judge, then the calls: every problem that
+    can be found before spending tokens is. A run whose judgements are all cached makes no
+    request at all.
+    """
+    console = console or Console()
+    config = spec.judge
+    endpoint = None if dry_run else JudgeEndpoint(config)
+    sets = load_answer_sets(spec, storage)
+    check_aligned(sets)
+    calls = plan_calls(spec, sets)
+    cache = JudgeCache(config.cache_dir, storage)
+    outcomes = read_cached(calls, spec, cache, console)
+    missing = [i for i, outcome in enumerate(outcomes) if outcome is None]
+    # Identical prompts (in single mode: two models with the same answer, or an empty answer
+    # and the empty anchor) are one question: asked once, the copies reuse the reply.
+    first_of_key: dict[str, int] = {}
+    for i in missing:
+        first_of_key.setdefault(calls[i].key, i)
+    if dry_run:
+        plan = dry_run_plan([calls[i] for i in first_of_key.values()], len(calls), spec)
+        console.print(f"judge (dry run): {plan['calls']} calls, {plan['cached']} cached, {plan['to_make']} to make, "
+                      f"~{plan['input_tokens_estimate']:,} input tokens, est. cost {_money(plan['cost_estimate_usd'])}")
+        return plan
+    output = judge_dir(spec)
+    storage.check_access(output, write=True)
+    started = time.time()
+    if missing:
+        endpoint.preflight()
+        try:
+            fresh = judge_calls([calls[i] for i in first_of_key.values()], spec, cache, endpoint, console)
+        except EndpointGone as e:
+            raise EndpointGone(f"{e}; judging stopped, the judgements made so far are cached: run again to resume") from None
+        by_key = dict(zip(first_of_key, fresh))
+        for i in missing:
+            outcome = by_key[calls[i].key]
+            outcomes[i] = outcome if first_of_key[calls[i].key] == i else replace(outcome, cached=True, usage=Usage())
+    records = [judgement_record(call, outcome) for call, outcome in zip(calls, outcomes)]
+    summary = summarize(spec, sets, calls, outcomes)
+    summary["wall_s"] = round(time.time() - started, 3)
+    storage.write_text(join(output, JUDGEMENTS_FILE), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    storage.write_json(join(output, JUDGE_SUMMARY_FILE), summary)
+    render_summary(summary, console)
+    console.print(f"judgements: {join(output, JUDGEMENTS_FILE)}\nsummary: {join(output, JUDGE_SUMMARY_FILE)}",
+                  soft_wrap=True)
+    if summary["calls"]["failed"]:
+        console.print(f"{summary['calls']['failed']} judgements failed and count as missing, not as zeros: "
+                      f"run again to retry only them (the rest is cached)", style="yellow")
+    return summary
+
+
+def dry_run_plan(missing: list[JudgeCall], total: int, spec: RunSpec) -> dict:
+    # About 4 characters per token in English: enough to see what a run would cost.
+    input_tokens = sum(len(m["content"]) for call in missing for m in call.messages) // 4
+    cost = Usage(input_tokens, 0).cost(price_of(spec.judge.model, spec.judge))
+    return {"calls": total, "cached": total - len(missing), "to_make": len(missing),
+            "input_tokens_estimate": input_tokens, "cost_estimate_usd": cost}
+
+
+def judgement_record(call: JudgeCall, outcome: Outcome) -> dict:
+    labels = dict(zip(call.labels, call.order))
+    return {
+        "pass": call.pass_index,
+        "item": call.item_index,
+        "order": call.order,
+        "labels": labels,
+        "scores": {labels[label]: s.score for label, s in outcome.scores.items()} if outcome.scores else None,
+        "reasons": {labels[label]: s.reason for label, s in outcome.scores.items()} if outcome.scores else None,
+        "failure": outcome.failure,
+        "reply": outcome.reply,
+        "attempts": outcome.attempts,
+        "cached": outcome.cached,
+        "usage": asdict(outcome.usage),
+        "seed": call.seed,
+        "key": call.key,
+    }

@@ -1,0 +1,127 @@
+"""The loop each Ray Train worker runs: step, report, validate, checkpoint.
+
+Everything a step needs is built by ``raygpt.train.step`` without Ray; this module only joins
+it to Ray Train: the rank and device Ray assigns, the checkpoint Ray hands over, and
+``ray.train.report`` for metrics and checkpoints (uploaded in the background).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import CheckpointUploadMode
+
+from raygpt.cluster import quiet_report_logs
+from raygpt.storage import Storage, join
+from raygpt.train.metrics import MetricsWindow, device_name
+from raygpt.train.step import Worker, agreed_setup, due, save_checkpoint, set_up_worker, train_step, validation_loss
+from raygpt.weights.checkpoint import checkpoint_dir_name
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    spec, plan = config["spec"], config["plan"]
+    os.environ.update(config["env"])  # the driver's RAYGPT_CACHE_DIR etc.: workers inherit their node's env
+    quiet_report_logs()
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device() if plan.use_gpu else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+    def build() -> Worker:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return set_up_worker(spec, plan, rank, world_size, device)
+        with checkpoint.as_directory() as local:
+            return set_up_worker(spec, plan, rank, world_size, device, local, os.path.basename(checkpoint.path))
+
+    w, error = agreed_setup(build, world_size)
+    if w is None:
+        ray.train.report({"fatal_error": error})
+        return
+    try:
+        run_loop(w)
+    finally:
+        w.close()
+
+
+def run_loop(w: Worker) -> None:
+    spec, plan = w.spec, w.plan
+    window = MetricsWindow(first_step=w.state.step + 1, world_size=w.world_size,
+                           global_batch_tokens=plan.global_batch_tokens, flops_per_token=w.flops_per_token,
+                           peak_flops=w.peak_flops, device=w.device)
+    first_report = True
+    while w.state.step < plan.stop_step:
+        inject_fault(w)
+        loss, grad_norm = train_step(w, w.state.step)
+        window.add(loss, grad_norm, w.schedule.lr_at(w.state.step))
+        w.state.advance(plan.global_batch_tokens)
+        step, last = w.state.step, w.state.step == plan.stop_step
+
+        val_loss = None
+        if due(step, spec.train.val_interval) or (last and spec.train.val_interval > 0):
+            started = time.perf_counter()
+            val_loss = validation_loss(w)
+            window.exclude(time.perf_counter() - started)
+        save = due(step, spec.checkpoint.interval) or last
+        if not (due(step, spec.train.log_interval) or save or val_loss is not None):
+            continue
+        metrics = window.flush(step, w.state.tokens_seen)
+        metrics["max_steps"] = plan.max_steps
+        if val_loss is not None:
+            metrics["val_loss"] = val_loss
+        if first_report:
+            metrics.update(resumed_from_step=w.resumed_from_step, device=device_name(w.device),
+                           precision=w.precision.name, world_size=w.world_size)
+            first_report = False
+        stall = report(w, metrics, save)
+        if stall is not None:
+            report(w, {"step": step, "checkpoint_stall_s": stall}, save=False)
+        window.started = time.perf_counter()
+
+
+def report(w: Worker, metrics: dict[str, Any], save: bool) -> float | None:
+    """``ray.train.report`` the metrics and, with ``save``, a checkpoint; returns the seconds the
+    save stalled the loop (local write + report call) when saving.
+
+    Every report of an async run is async: Ray keeps reports in order, so a synchronous one
+    would wait for the previous checkpoint's upload.
+    """
+    mode = CheckpointUploadMode.ASYNC if w.spec.checkpoint.async_upload else CheckpointUploadMode.SYNC
+    if not save:
+        ray.train.report(metrics, checkpoint_upload_mode=mode)
+        return None
+    started = time.perf_counter()
+    name = checkpoint_dir_name(w.state.step)
+    local = tempfile.mkdtemp(prefix=f"raygpt-{name}-")
+    save_checkpoint(w, local)
+    # ASYNC deletes the local folder once uploaded; SYNC leaves it to us.
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local), checkpoint_dir_name=name,
+                     checkpoint_upload_mode=mode)
+    if mode is CheckpointUploadMode.SYNC:
+        shutil.rmtree(local, ignore_errors=True)
+    return time.perf_counter() - started
+
+
+def inject_fault(w: Worker) -> None:
+    """``train.fail_at_step``: the last rank dies hard when it reaches that step, once per run
+    (a marker next to the checkpoints remembers it), and not in an attempt that resumed from a
+    checkpoint at or after that step."""
+    k = w.spec.train.fail_at_step
+    if k is None or w.rank != w.world_size - 1 or w.state.step != k or w.resumed_from_step >= k:
+        return
+    storage = Storage.from_config(w.spec.storage)
+    marker = join(w.spec.storage_path, w.spec.name, f".fault-injected-at-step-{k}")
+    if storage.exists(marker):
+        return
+    storage.write_text(marker, "fault injection: the last worker exited here\n")
+    print(f"raygpt: fault injection: rank {w.rank} exits at step {k}", file=sys.stderr, flush=True)
+    os._exit(1)

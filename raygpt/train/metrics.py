@@ -1,0 +1,195 @@
+"""What a run measures, and the one stream every report goes through.
+
+``MetricsWindow`` collects per-step losses on the device and turns them into one record per
+report (loss of every step, lr, grad norm, tokens/s, MFU); ``peak_flops`` is the MFU table.
+``MetricsStream`` is the run's metrics stream: one record per reported step, merged when a
+report only adds to a step (a checkpoint's stall), cut back when an attempt resumes from an
+earlier step, and handed to sinks (``raygpt.train.sinks``): ``metrics.jsonl``, the driver's
+progress view, experiment trackers. A step replayed after a restart reaches a sink that
+keeps history (a tracker) once only. Nothing here imports Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from raygpt.errors import RaygptError
+from raygpt.stages import METRICS_FILE
+from raygpt.storage import Storage, join
+
+# Dense bf16/fp16 tensor-core peak per GPU (TFLOP/s), for MFU; matched against the device name
+# in order, so the more specific names come first. fp32 (TF32) peaks are half of these.
+GPU_PEAK_TFLOPS = (
+    ("GB200", 2500), ("B200", 2250), ("H200", 989), ("H100 NVL", 835), ("H100 PCIe", 756), ("H100", 989),
+    ("H800", 989), ("A100", 312), ("A800", 312), ("L40S", 362), ("L40", 181), ("L4", 121), ("A10G", 125),
+    ("A10", 125), ("RTX 6000 Ada", 364), ("A6000", 155), ("RTX 4090", 165), ("RTX 3090", 71), ("V100", 125),
+    ("T4", 65),
+)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_model()})"
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    """Peak FLOP/s of one device at this precision, or None when unknown (CPUs, unlisted GPUs)."""
+    if device.type != "cuda":
+        return None
+    return peak_flops_of(torch.cuda.get_device_name(device), precision)
+
+
+def peak_flops_of(name: str, precision: str) -> float | None:
+    """Peak FLOP/s of a GPU by its device name, or None when it is not in ``GPU_PEAK_TFLOPS``."""
+    for key, tflops in GPU_PEAK_TFLOPS:
+        if key in name:
+            return tflops * 1e12 / (2 if precision == "fp32" else 1)
+    return None
+
+
+class MetricsWindow:
+    """Per-step losses since the last report. They stay on the device, and are averaged across
+    workers in one collective per report, so a step never waits for a host sync."""
+
+    def __init__(self, *, first_step: int, world_size: int, global_batch_tokens: int, flops_per_token: int,
+                 peak_flops: float | None, device: torch.device):
+        self.world_size, self.global_batch_tokens = world_size, global_batch_tokens
+        self.flops_per_token, self.peak_flops, self.device = flops_per_token, peak_flops, device
+        self.losses: list[torch.Tensor] = []
+        self.first_step = first_step
+        self.grad_norm: torch.Tensor | None = None
+        self.lr = 0.0
+        self.started = time.perf_counter()
+        self.excluded_s = 0.0  # validation and checkpoint time: not training throughput
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> None:
+        self.losses.append(loss)
+        self.grad_norm, self.lr = grad_norm, lr
+
+    def exclude(self, seconds: float) -> None:
+        self.excluded_s += seconds
+
+    def flush(self, step: int, tokens_seen: int) -> dict[str, Any]:
+        """The record for the steps since the last flush, ending at ``step`` (a collective)."""
+        losses = torch.stack(self.losses).double()
+        if self.world_size > 1:
+            dist.all_reduce(losses)
+            losses /= self.world_size
+        values = losses.tolist()
+        seconds = max(time.perf_counter() - self.started - self.excluded_s, 1e-9)
+        tokens_per_s = len(values) * self.global_batch_tokens / seconds
+        achieved = self.flops_per_token * tokens_per_s / self.world_size
+        record = {
+            "step": step, "tokens": tokens_seen, "loss": sum(values) / len(values),
+            "step_losses": {str(self.first_step + i): v for i, v in enumerate(values)},
+            "lr": self.lr, "grad_norm": float(self.grad_norm), "tokens_per_s": tokens_per_s,
+            "mfu": achieved / self.peak_flops if self.peak_flops else None, "time": time.time(),
+        }
+        if self.device.type == "cuda":
+            record["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.losses, self.first_step = [], step + 1
+        self.started, self.excluded_s = time.perf_counter(), 0.0
+        return record
+
+
+class MetricsStream:
+    """The run's records, one per reported step, and the sinks that receive them.
+
+    Workers report dicts with a ``step``; a report that only adds to a step (the seconds a
+    checkpoint stalled training) is merged into that step's record. A record with
+    ``resumed_from_step`` starts a new attempt: records after that step are dropped, and the
+    steps trained again are not passed a second time to sinks that keep history
+    (``sink.replays`` False), which saw them already.
+    """
+
+    def __init__(self, previous: list[dict[str, Any]], sinks: list[Any]):
+        self.records: list[dict[str, Any]] = list(previous)
+        self.sinks = list(sinks)
+        self.logged_to_step = self.records[-1]["step"] if self.records else 0
+
+    def add(self, report: dict[str, Any], checkpoint: str | None = None) -> dict[str, Any]:
+        """Take one report; returns the step's merged record."""
+        if "resumed_from_step" in report:
+            self.records = [r for r in self.records if r["step"] <= report["resumed_from_step"]]
+        if self.records and self.records[-1]["step"] == report["step"]:
+            self.records[-1].update(report)
+        else:
+            self.records.append(dict(report))
+        record = self.records[-1]
+        if checkpoint is not None:
+            record["checkpoint"] = checkpoint
+        fresh = report["step"] > self.logged_to_step or (report["step"] == self.logged_to_step
+                                                         and "resumed_from_step" not in report)
+        self.logged_to_step = max(self.logged_to_step, report["step"])
+        for sink in self.sinks:
+            if sink.replays or fresh:
+                sink.write(report, self.records)
+        if checkpoint is not None or "checkpoint_stall_s" in report:
+            self.flush()
+        return record
+
+    def event(self, event: dict[str, Any]) -> None:
+        """Something that is not a step's metrics (a worker failure, a fatal setup error)."""
+        for sink in self.sinks:
+            sink.event(event)
+
+    def flush(self) -> None:
+        for sink in self.sinks:
+            sink.flush(self.records)
+
+    def close(self) -> None:
+        self.flush()
+        for sink in self.sinks:
+            sink.close()
+
+
+def read_metrics(run_uri: str, storage: Storage) -> list[dict[str, Any]]:
+    """The records of ``run_uri/metrics.jsonl``, or [] when there is none yet."""
+    uri = join(run_uri, METRICS_FILE)
+    if not storage.exists(uri):
+        return []
+    records = []
+    for number, line in enumerate(storage.read_text(uri).splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise RaygptError(f"{uri}: line {number} is not valid JSON") from None
+    return records
+
+
+def step_losses(records: list[dict[str, Any]]) -> dict[int, float]:
+    """Training loss of every step, from the per-step losses each record carries."""
+    return {int(step): loss for r in records for step, loss in r.get("step_losses", {}).items()}
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Final metrics from a run's records: last step, tokens, loss, val loss, mean throughput."""
+    if not records:
+        return {}
+    last = records[-1]
+    with_loss = [r for r in records if "tokens_per_s" in r]
+    vals = [r for r in records if r.get("val_loss") is not None]
+    stalls = [r["checkpoint_stall_s"] for r in records if "checkpoint_stall_s" in r]
+    return {"step": last["step"], "tokens": last.get("tokens"), "loss": last.get("loss"),
+            "val_loss": vals[-1]["val_loss"] if vals else None,
+            "tokens_per_s": float(np.median([r["tokens_per_s"] for r in with_loss])) if with_loss else None,
+            "mfu": last.get("mfu"),
+            "checkpoint_stall_s_max": max(stalls) if stalls else None}

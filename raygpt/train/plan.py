@@ -1,0 +1,72 @@
+"""The plan of a run: the batch arithmetic, fixed before any worker starts.
+
+The global batch is given in tokens; the plan turns it into sequences per step, the
+gradient-accumulation steps of each worker, the last step of the schedule and of this
+session, and says what to change when the numbers do not divide.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from raygpt.config import RunSpec
+from raygpt.errors import RaygptError
+from raygpt.model import config_from_spec
+from raygpt.train.parallel import STRATEGIES
+from raygpt.train.schedule import SCHEDULES
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """The numbers a run trains with, derived from the spec, the dataset and the cluster."""
+
+    seq_len: int
+    global_batch_tokens: int
+    global_batch_size: int
+    """Sequences per optimizer step, across all workers."""
+    micro_batch_size: int
+    num_workers: int
+    grad_accum_steps: int
+    """Micro-batches per worker per step: global_batch_size / (num_workers * micro_batch_size)."""
+    max_steps: int
+    """Where the LR schedule ends."""
+    stop_step: int
+    """Where this session ends: ``train.stop_at_step`` or ``max_steps``."""
+    use_gpu: bool
+    train_tokens: int
+
+
+def plan_run(spec: RunSpec, train_tokens: int, use_gpu: bool) -> TrainPlan:
+    """Check the batch arithmetic and derive the plan; every problem is a RaygptError naming its key."""
+    t = spec.train
+    for key, known in (("schedule", SCHEDULES), ("parallel", STRATEGIES)):
+        if getattr(t, key) not in known:
+            raise RaygptError(f"train.{key}: unknown {key} {getattr(t, key)!r} (known: {', '.join(known)})")
+    config = config_from_spec(spec.model)
+    seq_len = t.seq_len or config.context_length
+    if seq_len > config.context_length:
+        raise RaygptError(f"train.seq_len: {seq_len} exceeds the context length {config.context_length} of "
+                          f"model.preset {spec.model.preset!r}; lower it or set model.context_length")
+    if t.global_batch_tokens % seq_len:
+        raise RaygptError(f"train.global_batch_tokens: {t.global_batch_tokens} is not a multiple of the sequence "
+                          f"length {seq_len}")
+    global_batch_size = t.global_batch_tokens // seq_len
+    per_pass = t.num_workers * t.micro_batch_size
+    if global_batch_size % per_pass:
+        step = per_pass * seq_len
+        lower = max(step, t.global_batch_tokens // step * step)
+        raise RaygptError(
+            f"train.global_batch_tokens: {t.global_batch_tokens} tokens = {global_batch_size} sequences of {seq_len}, "
+            f"which {t.num_workers} workers x micro_batch_size {t.micro_batch_size} = {per_pass} sequences per pass "
+            f"cannot divide; use a multiple of {step} tokens (e.g. {lower} or {lower + step}), or change "
+            "train.num_workers / train.micro_batch_size")
+    max_steps = t.max_steps if t.max_steps is not None else train_tokens // t.global_batch_tokens
+    if max_steps <= 0:
+        raise RaygptError(f"train.max_steps: the dataset {t.dataset} has {train_tokens:,} training tokens, less than "
+                          f"one global batch of {t.global_batch_tokens:,}; prepare more data or lower "
+                          "train.global_batch_tokens")
+    stop_step = min(t.stop_at_step, max_steps) if t.stop_at_step is not None else max_steps
+    return TrainPlan(seq_len=seq_len, global_batch_tokens=t.global_batch_tokens, global_batch_size=global_batch_size,
+                     micro_batch_size=t.micro_batch_size, num_workers=t.num_workers,
+                     grad_accum_steps=global_batch_size // per_pass, max_steps=max_steps, stop_step=stop_step,
+                     use_gpu=use_gpu, train_tokens=train_tokens)

@@ -1,0 +1,99 @@
+"""The driver's view of a run: a live progress bar on a terminal, a line per report elsewhere."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from ray.util.queue import Empty
+from rich.console import Console
+
+from raygpt.train.plan import TrainPlan
+
+
+class ProgressView:
+    """The driver's view of the metrics stream: a live progress bar on a terminal, one line per
+    report otherwise (CI, Ray job logs). A sink of the metrics stream, fed through a Ray queue."""
+
+    def __init__(self, plan: TrainPlan, start_step: int, queue, console=None):
+        self.plan, self.queue = plan, queue
+        self.console = console or Console(stderr=False)
+        self.records: list[dict[str, Any]] = []
+        self.failures: list[dict[str, Any]] = []
+        self.fatal_error: str | None = None
+        self.start_step = start_step
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._drain, name="raygpt-progress", daemon=True)
+        self._progress = None
+
+    def __enter__(self) -> ProgressView:
+        if self.console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                      TextColumn("{task.fields[stats]}"), TimeRemainingColumn(),
+                                      console=self.console, transient=False)
+            self._progress.start()
+            self._task = self._progress.add_task("train", total=self.plan.stop_step, completed=self.start_step,
+                                                 stats="starting workers...")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._drain_once(timeout=0)
+        if self._progress is not None:
+            self._progress.stop()
+
+    def _drain(self) -> None:
+        while not self._stop.is_set():
+            self._drain_once(timeout=0.5)
+
+    def _drain_once(self, timeout: float) -> None:
+        while True:
+            try:
+                record = self.queue.get(block=timeout > 0, timeout=timeout or None)
+            except Empty:
+                return
+            self.show(record)
+            timeout = 0
+
+    def show(self, record: dict[str, Any]) -> None:
+        if "fatal_error" in record:
+            self.fatal_error = record["fatal_error"]
+            return
+        if record.get("event") == "worker_failure":
+            self.failures.append(record)
+            self._print(f"[yellow]worker {record['rank']} failed ({record['error']}); Ray Train restarts the "
+                        "workers from the last checkpoint[/]")
+            return
+        if "resumed_from_step" in record and record["resumed_from_step"] > 0:
+            self._print(f"resumed from step {record['resumed_from_step']}")
+        if "loss" in record:
+            self.records.append(record)
+        line = self._line(record)
+        if self._progress is not None:
+            if "loss" in record:
+                self._progress.update(self._task, completed=record["step"], stats=line)
+            if "val_loss" in record or "checkpoint_stall_s" in record:
+                self._print(f"step {record['step']}: {line}")
+        else:
+            self._print(f"step {record['step']}/{self.plan.stop_step} {line}")
+
+    def _print(self, text: str) -> None:
+        (self._progress.console if self._progress is not None else self.console).print(text, highlight=False)
+
+    @staticmethod
+    def _line(r: dict[str, Any]) -> str:
+        parts = []
+        if "loss" in r:
+            parts.append(f"loss {r['loss']:.4f}  lr {r['lr']:.2e}  grad {r['grad_norm']:.3f}  "
+                         f"{r['tokens_per_s']:,.0f} tok/s")
+            if r.get("mfu") is not None:
+                parts.append(f"MFU {100 * r['mfu']:.1f}%")
+        if "val_loss" in r:
+            parts.append(f"val {r['val_loss']:.4f}")
+        if "checkpoint_stall_s" in r:
+            parts.append(f"checkpoint saved, stalled {r['checkpoint_stall_s']:.2f} s")
+        return "  ".join(parts)

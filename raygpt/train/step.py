@@ -1,0 +1,170 @@
+"""One training worker without Ray: its components, one optimizer step, validation, a checkpoint.
+
+``set_up_worker`` builds the model, optimizer, schedule, batches, trainer state and RNG state,
+restores them from a local checkpoint folder when given one, and wraps the model for the
+parallel strategy. ``train_step`` is one optimizer step (micro-batches, accumulation,
+clipping, optimizer); ``save_checkpoint`` writes this rank's part of a checkpoint. The Ray
+Train loop (``raygpt.train.loop``) and the Ray-free GPU check (``benchmarks/gpu_check.py``)
+both run exactly these.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from raygpt.config import RunSpec
+from raygpt.data.batches import TrainBatches, eval_batches
+from raygpt.errors import RaygptError
+from raygpt.evaluate import token_loss_sums
+from raygpt.model import GPT, config_from_spec
+from raygpt.storage import Storage
+from raygpt.train.components import Precision, RngState, TrainerState, choose_precision, seed_everything
+from raygpt.train.metrics import peak_flops
+from raygpt.train.parallel import ParallelStrategy, get_strategy
+from raygpt.train.plan import TrainPlan
+from raygpt.train.schedule import Schedule, build_schedule
+from raygpt.weights.checkpoint import load_training_checkpoint, save_training_checkpoint
+
+
+@dataclass
+class Worker:
+    """Everything one training worker holds."""
+
+    spec: RunSpec
+    plan: TrainPlan
+    rank: int
+    world_size: int
+    device: torch.device
+    precision: Precision
+    model: GPT
+    """The bare model: what is saved, validated and loaded."""
+    training_model: torch.nn.Module
+    """The model the loop runs: compiled and/or wrapped by the parallel strategy."""
+    strategy: ParallelStrategy
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    batches: TrainBatches
+    state: TrainerState
+    rng: RngState
+    resumed_from_step: int
+    flops_per_token: int
+    peak_flops: float | None
+
+    def close(self) -> None:
+        self.batches.close()
+
+
+def set_up_worker(spec: RunSpec, plan: TrainPlan, rank: int, world_size: int, device: torch.device,
+                  checkpoint_dir: str | Path | None = None, checkpoint_name: str | None = None) -> Worker:
+    """Build every component, then restore them from ``checkpoint_dir`` (a local checkpoint
+    folder, ``checkpoint_name`` for messages) when there is one."""
+    t = spec.train
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    precision = choose_precision(t.precision, device)
+    config = config_from_spec(spec.model)
+    seed_everything(t.seed)  # identical initial weights on every rank
+    model = GPT(config).to(device)
+    optimizer = model.configure_optimizer(t.lr, t.weight_decay, (t.beta1, t.beta2), device.type)
+    schedule = build_schedule(t.schedule, t.lr, t.warmup_steps, plan.max_steps, t.min_lr_ratio)
+    storage = Storage.from_config(spec.storage)
+    batches = TrainBatches(t.dataset, storage, plan.seq_len, t.seed, plan.global_batch_size,
+                           max_cached_shards=t.cache_shards)
+    state = TrainerState(schedule, precision.scaler, t.seed, spec, world_size)
+    rng = RngState()
+    seed_everything(t.seed + 1 + rank)  # each rank draws its own dropout masks
+    try:
+        if checkpoint_dir is not None:
+            found_rng = load_training_checkpoint(
+                checkpoint_dir, rank, model=model, optimizer=optimizer, trainer=state, rng=rng,
+                expected=f"model.preset {spec.model.preset!r}", where=checkpoint_name or str(checkpoint_dir))
+            if not found_rng:  # resumed on more workers than saved: derive this rank's generators
+                seed_everything(t.seed + 1 + rank + 1_000_003 * state.step)
+        strategy = get_strategy(t.parallel)
+        training_model = strategy.wrap(model, device, world_size, t.compile)
+        if state.step < plan.stop_step:
+            # Fetch the first batch now: a missing or corrupt shard fails setup, not step 1000.
+            batches.micro_batches(state.step, rank, world_size, plan.micro_batch_size)
+    except BaseException:
+        batches.close()
+        raise
+    return Worker(spec=spec, plan=plan, rank=rank, world_size=world_size, device=device, precision=precision,
+                  model=model, training_model=training_model, strategy=strategy, optimizer=optimizer,
+                  schedule=schedule, batches=batches, state=state, rng=rng, resumed_from_step=state.step,
+                  flops_per_token=model.flops_per_token(plan.seq_len), peak_flops=peak_flops(device, precision.name))
+
+
+def agreed_setup(build, world_size: int) -> tuple[Worker | None, str | None]:
+    """Run ``build`` on every rank and agree on its outcome.
+
+    A RaygptError on any rank (a corrupt shard, a checkpoint of another shape) must end the
+    run with its message, not make Ray restart the workers ``max_failures`` times: every rank
+    learns the first error and the loop reports it instead of training.
+    """
+    try:
+        worker, error = build(), None
+    except RaygptError as e:
+        worker, error = None, str(e)
+    if world_size > 1:
+        errors: list[str | None] = [None] * world_size
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e is not None), None)
+    if error is not None and worker is not None:
+        worker.close()
+        worker = None
+    return worker, error
+
+
+def train_step(w: Worker, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on global batch ``step``; returns this worker's mean loss and the
+    gradient norm before clipping (both unsynchronised tensors)."""
+    lr = w.schedule.lr_at(step)
+    for group in w.optimizer.param_groups:
+        group["lr"] = lr
+    micro_batches = w.batches.micro_batches(step, w.rank, w.world_size, w.plan.micro_batch_size)
+    scaler = w.precision.scaler
+    loss_sum = torch.zeros((), device=w.device)
+    for i, (x, y) in enumerate(micro_batches):
+        x, y = x.to(w.device, non_blocking=True), y.to(w.device, non_blocking=True)
+        last = i == len(micro_batches) - 1
+        with contextlib.nullcontext() if last else w.strategy.no_sync(w.training_model, w.world_size):
+            with w.precision.autocast():
+                _, loss = w.training_model(x, y)
+            # Mean over micro-batches; the strategy averages over workers: the gradient is the global-batch mean.
+            scaler.scale(loss / len(micro_batches)).backward()
+        loss_sum += loss.detach()
+    scaler.unscale_(w.optimizer)
+    max_norm = w.spec.train.grad_clip if w.spec.train.grad_clip > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(w.model.parameters(), max_norm)
+    scaler.step(w.optimizer)
+    scaler.update()
+    w.optimizer.zero_grad(set_to_none=True)
+    return loss_sum / len(micro_batches), grad_norm.detach()
+
+
+def validation_loss(w: Worker) -> float | None:
+    """Mean token loss over the first ``train.val_tokens`` of the val split, shared across workers."""
+    storage = Storage.from_config(w.spec.storage)
+    batches = eval_batches(w.spec.train.dataset, storage, "val", w.plan.seq_len, w.plan.micro_batch_size,
+                           max_tokens=w.spec.train.val_tokens, rank=w.rank, world_size=w.world_size)
+    total, count = token_loss_sums(w.model, batches, w.device, w.precision.autocast)
+    sums = torch.tensor([total, count], dtype=torch.float64, device=w.device)
+    if w.world_size > 1:
+        dist.all_reduce(sums)
+    return float(sums[0] / sums[1]) if sums[1] > 0 else None
+
+
+def save_checkpoint(w: Worker, directory: str | Path) -> None:
+    """Write this rank's part of a checkpoint of the worker's state into a local folder."""
+    save_training_checkpoint(directory, w.rank, model=w.model, optimizer=w.optimizer, trainer=w.state, rng=w.rng)
+
+
+def due(step: int, interval: int) -> bool:
+    return interval > 0 and step % interval == 0

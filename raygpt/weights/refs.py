@@ -1,0 +1,110 @@
+"""Model references: a run name, a run folder, a checkpoint or model folder (local or
+``s3://``), or ``openai:NAME``, resolved to a model without the caller knowing which.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raygpt.errors import RaygptError
+from raygpt.model import GPT, GPTConfig
+from raygpt.storage import Storage, is_remote, join
+from raygpt.weights.checkpoint import (
+    CHECKPOINT_PREFIX,
+    MODEL_CONFIG_FILE,
+    MODEL_FILE,
+    TRAINER_STATE_FILE,
+    latest_checkpoint,
+    load_state_dict_checked,
+    model_config_from_dict,
+)
+
+OPENAI_PREFIX = "openai:"
+
+
+def resolve_model_folder(ref: str, storage_path: str, storage: Storage) -> str:
+    """The folder holding ``model.pt`` for a run name, a run folder, or a checkpoint/model folder."""
+    candidates = [ref] if (is_remote(ref) or "/" in ref or Path(ref).exists()) else []
+    candidates.append(join(storage_path, ref))
+    for uri in candidates:
+        if storage.exists(join(uri, MODEL_FILE)):
+            return uri
+        latest = latest_checkpoint(uri, storage)
+        if latest is not None:
+            return latest
+    looked = " or ".join(candidates)
+    raise RaygptError(f"model {ref!r}: no checkpoint found at {looked} (expected a run with a complete "
+                      f"{CHECKPOINT_PREFIX}* folder, or a folder with {MODEL_FILE}); "
+                      "check the name and storage_path, or use openai:gpt2")
+
+
+def model_id(ref: str) -> str:
+    """A short, filesystem-safe display name: ``openai:gpt2`` -> ``openai-gpt2``; a run name
+    stays itself; a folder gives its name, prefixed with its run's for ``checkpoint_*`` folders."""
+    if ref.startswith(OPENAI_PREFIX):
+        name = "openai-" + ref[len(OPENAI_PREFIX):]
+    else:
+        parts = [p for p in ref.rstrip("/").split("/") if p and p != "s3:"]
+        name = parts[-1] if parts else ref
+        if name.startswith(CHECKPOINT_PREFIX) and len(parts) > 1:
+            name = f"{parts[-2]}-{name}"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "model"
+
+
+def describe_model(ref: str, spec: Any, storage: Storage) -> tuple[GPTConfig, str | None]:
+    """A model's architecture and its folder, without loading any weights (cheap: one JSON read)."""
+    if ref.startswith(OPENAI_PREFIX):
+        from raygpt.model import PRESETS
+        from raygpt.weights.hf import OPENAI_MODELS
+
+        name = ref[len(OPENAI_PREFIX):]
+        if name not in OPENAI_MODELS:
+            raise RaygptError(f"{ref}: unknown OpenAI model (known: {', '.join(OPENAI_MODELS)})")
+        base = PRESETS[OPENAI_MODELS[name]]
+        return GPTConfig(**{**asdict(base), "qkv_bias": True, "tie_weights": True}), None
+    folder = resolve_model_folder(ref, spec.storage_path, storage)
+    config_uri = join(folder, MODEL_CONFIG_FILE)
+    if not storage.exists(config_uri):
+        raise RaygptError(f"{folder}: no {MODEL_CONFIG_FILE}, so the model's shape is unknown")
+    return model_config_from_dict(storage.read_json(config_uri), config_uri), folder
+
+
+def load_model(ref: str, spec: Any, storage: Storage, device: str | torch.device = "cpu") -> tuple[GPT, dict[str, Any]]:
+    """A model in eval mode on ``device`` and a description of it.
+
+    ``ref``: a run name under ``spec.storage_path`` (its newest complete checkpoint), a run,
+    checkpoint or model folder (local or ``s3://``), or ``openai:NAME``. The description holds
+    ``id``, ``ref``, ``params``, ``step``, ``tokens``, ``checkpoint`` (the folder, None for
+    OpenAI's) and ``config`` (GPTConfig fields).
+    """
+    info: dict[str, Any] = {"id": model_id(ref), "ref": ref, "step": None, "tokens": None, "checkpoint": None}
+    if ref.startswith(OPENAI_PREFIX):
+        from raygpt.weights.hf import load_openai
+
+        model = load_openai(ref[len(OPENAI_PREFIX):])
+    else:
+        config, folder = describe_model(ref, spec, storage)
+        model = GPT(config)
+        with tempfile.TemporaryDirectory(prefix="raygpt-model-") as tmp:
+            local = Path(tmp) / MODEL_FILE
+            storage.download(join(folder, MODEL_FILE), local)
+            try:
+                state_dict = torch.load(local, map_location="cpu", weights_only=True)
+            except Exception as e:  # a truncated or foreign file: torch raises several types
+                raise RaygptError(f"{join(folder, MODEL_FILE)}: cannot read the weights ({e})") from None
+        load_state_dict_checked(model, state_dict, where=folder, expected=f"the model in its {MODEL_CONFIG_FILE}",
+                                hint=f"its {MODEL_FILE} and {MODEL_CONFIG_FILE} disagree")
+        state_uri = join(folder, TRAINER_STATE_FILE)
+        if storage.exists(state_uri):
+            state = storage.read_json(state_uri)
+            info.update(step=state.get("step"), tokens=state.get("tokens_seen"))
+        info["checkpoint"] = folder
+    model.to(device).eval()
+    info.update(params=model.num_params(), config=asdict(model.config))
+    return model, info
