@@ -17,7 +17,7 @@ LAYERS = [
     ["raygpt.storage", "raygpt.tokenizer", "raygpt.stats", "raygpt.prompts", "raygpt.localstore", "raygpt.cluster"],
     ["raygpt.stages"],
     ["raygpt.model"],
-    ["raygpt.data", "raygpt.weights"],
+    ["raygpt.data", "raygpt.weights", "raygpt.hellaswag"],
     ["raygpt.evaluate"],
     ["raygpt.train"],
     ["raygpt.ift"],
