@@ -252,3 +252,341 @@ def compact_letter_display(order: Sequence[Hashable], not_different: Iterable[tu
     columns = sorted(absorb(columns), key=lambda c: sorted(rank[m] for m in c))
     letters = _letters(len(columns))
     return {model: "".join(letter for letter, column in zip(letters, columns) if model in column) for model in models}
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """The continued fraction of the incomplete beta function (modified Lentz)."""
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 100_000):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            h *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return h
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b): the F and t distributions' CDFs."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1) / (a + b + 2):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def _gammainc(a: float, x: float) -> float:
+    """The regularized lower incomplete gamma function P(a, x): the chi-square CDF."""
+    if x <= 0.0:
+        return 0.0
+    front = math.exp(-x + a * math.log(x) - math.lgamma(a))
+    if x < a + 1:
+        term = total = 1.0 / a
+        for n in range(1, 100_000):
+            term *= x / (a + n)
+            total += term
+            if abs(term) < abs(total) * 1e-16:
+                break
+        return front * total
+    tiny = 1e-300
+    b = x + 1.0 - a
+    c, d = 1.0 / tiny, 1.0 / b
+    h = d
+    for n in range(1, 100_000):
+        numerator = -n * (n - a)
+        b += 2.0
+        d = numerator * d + b
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = b + numerator / c
+        c = c if abs(c) > tiny else tiny
+        h *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return 1.0 - front * h
+
+
+def _bisect(cdf, q: float) -> float:
+    """The x in (0, 1) where the increasing ``cdf`` reaches q."""
+    low, high = 0.0, 1.0
+    for _ in range(200):
+        middle = (low + high) / 2
+        if cdf(middle) < q:
+            low = middle
+        else:
+            high = middle
+        if high - low < 1e-16:
+            break
+    return (low + high) / 2
+
+
+def f_quantile(q: float, df1: float, df2: float = math.inf) -> float:
+    """The q-quantile of the F(df1, df2) distribution; ``df2 = inf`` gives chi-square(df1) / df1.
+
+    numpy has no distribution quantiles and raygpt takes no scipy, so the F CDF is the
+    regularized incomplete beta function (chi-square: the incomplete gamma), inverted by
+    bisection; accurate to about 1e-10, non-integer degrees of freedom (Satterthwaite's) allowed.
+    """
+    if math.isinf(df2):
+        # chi-square quantile x = 2 y; search y = t / (1 - t) over t in (0, 1).
+        t = _bisect(lambda t: _gammainc(df1 / 2, t / (1 - t)) if t < 1 else 1.0, q)
+        return 2 * t / (1 - t) / df1
+    x = _bisect(lambda x: _betainc(df1 / 2, df2 / 2, x), q)
+    return df2 * x / (df1 * (1 - x)) if x < 1 else math.inf
+
+
+def t_quantile(q: float, df: float) -> float:
+    """The q-quantile of Student's t with ``df`` degrees of freedom (t^2 is F(1, df))."""
+    if q == 0.5:
+        return 0.0
+    magnitude = math.sqrt(f_quantile(abs(2 * q - 1), 1.0, df))
+    return magnitude if q > 0.5 else -magnitude
+
+
+def _satterthwaite(terms: list[tuple[float, float]]) -> float:
+    """Degrees of freedom of a sum of scaled mean squares ``sum(c * MS)``, given as (c * MS, df)
+    pairs: Satterthwaite's (1946) approximation, used to put a t quantile on such a sum."""
+    total = sum(value for value, _ in terms)
+    spread = sum(value ** 2 / df for value, df in terms if df > 0)
+    return total ** 2 / spread if spread > 0 else math.inf
+
+
+@dataclass
+class _CellAnova:
+    """Mean squares of one base model's scores: seeds crossed with items, passes within cells.
+
+    Computed on the cell means (the mean over passes for each seed and item), the "unweighted
+    means" analysis, so missing passes (failed judgements) unbalance nothing but the count.
+    Items without a score for every seed are left out (``items_dropped``).
+    """
+
+    cell_means: np.ndarray
+    """(seeds, items kept)."""
+    items_dropped: int
+    passes_harmonic: float
+    """Harmonic mean of the passes per cell: the cell mean's pass noise is ``ms_pass / this``."""
+    ms_seed: float
+    ms_item: float
+    ms_interaction: float
+    ms_pass: float
+    df_pass: float
+
+    @property
+    def seeds(self) -> int:
+        return self.cell_means.shape[0]
+
+    @property
+    def items(self) -> int:
+        return self.cell_means.shape[1]
+
+    @staticmethod
+    def of(scores: np.ndarray, keep: np.ndarray | None = None) -> _CellAnova:
+        scores = np.asarray(scores, dtype=float)
+        if scores.ndim != 3:
+            raise ValueError(f"variance components: scores must be (seeds, passes, items), got shape {scores.shape}")
+        counts = (~np.isnan(scores)).sum(axis=1)  # (seeds, items)
+        complete = (counts > 0).all(axis=0) if keep is None else keep
+        kept, n = scores[:, :, complete], counts[:, complete]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cells = np.nansum(kept, axis=1) / n
+        within = np.nansum((kept - cells[:, None]) ** 2)
+        df_pass = float((n - 1).sum())
+        seeds, items = cells.shape
+        ms = dict(ms_seed=math.nan, ms_item=math.nan, ms_interaction=math.nan)
+        if items:
+            grand = cells.mean()
+            seed_means, item_means = cells.mean(axis=1), cells.mean(axis=0)
+            if seeds > 1:
+                ms["ms_seed"] = items * ((seed_means - grand) ** 2).sum() / (seeds - 1)
+            if items > 1:
+                ms["ms_item"] = seeds * ((item_means - grand) ** 2).sum() / (items - 1)
+            if seeds > 1 and items > 1:
+                interaction = cells - seed_means[:, None] - item_means[None] + grand
+                ms["ms_interaction"] = (interaction ** 2).sum() / ((seeds - 1) * (items - 1))
+        return _CellAnova(cells, int((~complete).sum()), float(n.size / (1 / n).sum()) if n.size else math.nan,
+                          ms_pass=within / df_pass if df_pass > 0 else math.nan, df_pass=df_pass, **ms)
+
+    @property
+    def seed_term(self) -> float:
+        """The seed variance's share of the variance of the mean, ``sigma_seed^2 / seeds``,
+        clipped at 0; nan with one seed."""
+        if self.seeds < 2 or self.items < 2:
+            return math.nan
+        return max(0.0, (self.ms_seed - self.ms_interaction) / (self.items * self.seeds))
+
+    def seed_terms(self) -> list[tuple[float, float]]:
+        """``seed_term`` as (c * MS, df) pairs for Satterthwaite; none where it is clipped to 0."""
+        if not self.seed_term > 0:
+            return []
+        scale = self.items * self.seeds
+        return [(self.ms_seed / scale, self.seeds - 1),
+                (-self.ms_interaction / scale, (self.seeds - 1) * (self.items - 1))]
+
+
+def _component(top: float, df_top: float, reference: float, df_reference: float, scale: float,
+               level: float) -> dict:
+    """A variance component ``(E[top] - E[reference]) / scale`` by the method of moments, clipped
+    at 0, with an interval from the F distribution of ``top / reference``: the bounds are
+    ``(top / F_q - reference) / scale`` for the two tail quantiles of F(df_top, df_reference),
+    clipped at 0 (exact when the reference is known, and close when it has many degrees of
+    freedom, as the interaction and pass mean squares do). ``reference = 0`` with
+    ``df_reference = inf`` gives the chi-square interval of a mean square alone."""
+    if not (math.isfinite(top) and math.isfinite(reference)) or df_top <= 0:
+        return {"variance": None, "sd": None, "ci_variance": [None, None], "ci_sd": [None, None]}
+    tail = (1 - level) / 2
+    estimate = max(0.0, (top - reference) / scale)
+    high, low = (max(0.0, (top / f_quantile(q, df_top, df_reference) - reference) / scale) for q in (tail, 1 - tail))
+    return {"variance": _finite(estimate), "sd": _finite(math.sqrt(estimate)), "ci_variance": _interval(low, high),
+            "ci_sd": _interval(math.sqrt(low), math.sqrt(high))}
+
+
+def variance_components(scores: np.ndarray, level: float = 0.95) -> dict:
+    """Where the noise in one base model's judged score comes from.
+
+    ``scores`` is (seeds, passes, items): the judge's score of the answer of the model
+    fine-tuned with seed s to item i, in pass p; nan where a judgement failed. The model is
+
+        score[s, p, i] = mean + item[i] + seed[s] + seed_item[s, i] + pass[s, p, i]
+
+    with independent random effects: how hard the item is; how good this fine-tuning run came
+    out overall; how this run happened to answer this item; the judge's pass-to-pass noise on
+    the same answer. Items are crossed with seeds (every run answers every item); passes sit
+    within a (seed, item) cell. Each variance is estimated by the method of moments (ANOVA:
+    a difference of mean squares, scaled; Searle, Casella & McCulloch 1992), clipped at 0, with
+    the F-ratio interval of ``_component``. Missing passes are handled by computing the
+    ANOVA on cell means with the harmonic mean of passes per cell ("unweighted means"); items
+    lacking every pass of some seed are dropped and counted.
+
+    With one seed the seed and seed-by-item variances cannot be estimated: they are None, and
+    the item component then also holds the seed-by-item part. With one pass the pass and
+    seed-by-item variances cannot be separated: both are None (their sum is still in the
+    variance of the mean). ``notes`` says so in words. ``mean`` is ``mean_ci(scores, level)``.
+    """
+    anova = _CellAnova.of(scores)
+    seeds, items = anova.seeds, anova.items
+    h = anova.passes_harmonic
+    pass_noise = anova.ms_pass / h if anova.df_pass > 0 else 0.0  # the pass noise in a cell mean
+    df_pass_noise = anova.df_pass if anova.df_pass > 0 else math.inf
+    none = _component(math.nan, 0, math.nan, 0, 1, level)
+    notes = []
+    if items < 2:
+        components = {"item": none, "seed": none, "seed_item": none, "pass": none}
+        notes.append(f"{items} item(s) with a score for every seed: nothing can be estimated")
+    elif seeds >= 2:
+        df_interaction = (seeds - 1) * (items - 1)
+        components = {
+            "item": _component(anova.ms_item, items - 1, anova.ms_interaction, df_interaction, seeds, level),
+            "seed": _component(anova.ms_seed, seeds - 1, anova.ms_interaction, df_interaction, items, level),
+            "seed_item": (_component(anova.ms_interaction, df_interaction, pass_noise, df_pass_noise, 1, level)
+                          if anova.df_pass > 0 else none),
+        }
+    else:
+        components = {"item": _component(anova.ms_item, items - 1, pass_noise, df_pass_noise, 1, level),
+                      "seed": none, "seed_item": none}
+        notes.append("one fine-tuning seed: the seed variance cannot be estimated (the interval of the mean "
+                     "leaves it out) and the item variance includes how this one run answered each item")
+    if items >= 2:
+        components["pass"] = _component(anova.ms_pass, anova.df_pass, 0.0, math.inf, 1, level)
+    if anova.df_pass == 0 and items >= 2:
+        notes.append("one judge pass per answer: the judge's pass noise and the seed-by-item variance cannot "
+                     "be told apart (both None; together they are in the variance of the mean)")
+    if anova.items_dropped:
+        notes.append(f"{anova.items_dropped} item(s) left out: no score for some seed")
+    return {"seeds": seeds, "passes_per_cell": _finite(h), "items": items, "items_dropped": anova.items_dropped,
+            "components": components, "mean": mean_ci(scores, level, _anova=anova), "notes": notes}
+
+
+def mean_ci(scores: np.ndarray, level: float = 0.95, _anova: _CellAnova | None = None) -> dict:
+    """One base model's mean score over seeds, items and passes, with an interval that includes
+    the fine-tuning seed variance.
+
+    ``scores`` is (seeds, passes, items), nan where a judgement failed; the mean is the mean of
+    the (seed, item) cell means over the items scored for every seed. Its variance, with items,
+    seeds and passes all random, is ``sigma_item^2 / I + sigma_seed^2 / S + (sigma_seed_item^2
+    + sigma_pass^2 / P) / (S I)``, which in mean squares is ``(MS_item + max(0, MS_seed -
+    MS_interaction)) / (S I)``; the interval is ``mean +- t * se`` with Satterthwaite's degrees
+    of freedom.
+
+    Analytic rather than a two-stage bootstrap (resample seeds, then items) on purpose: with
+    the usual 3 to 5 seeds a bootstrap over seeds has only a handful of distinct resamples and
+    shrinks the seed variance by (S - 1) / S, so its interval is too narrow exactly when the
+    seeds matter, while the t quantile on few degrees of freedom (4.3 for 2) widens it as it
+    should. With one seed it is the usual t interval over items, and ``includes_seed_variance``
+    is False.
+    """
+    anova = _anova or _CellAnova.of(scores)
+    seeds, items = anova.seeds, anova.items
+    result = {"mean": None, "ci": [None, None], "se": None, "df": None, "seeds": seeds, "items": items,
+              "includes_seed_variance": seeds >= 2}
+    if items == 0:
+        return result
+    mean = float(anova.cell_means.mean())
+    result["mean"] = _finite(mean)
+    if items < 2:
+        return result
+    terms = [(anova.ms_item / (seeds * items), items - 1), *anova.seed_terms()]
+    variance, df = sum(value for value, _ in terms), _satterthwaite(terms)
+    half = t_quantile(1 - (1 - level) / 2, df) * math.sqrt(variance)
+    result.update(ci=_interval(mean - half, mean + half), se=_finite(math.sqrt(variance)), df=_finite(df))
+    return result
+
+
+def paired_seed_robust(scores_a: np.ndarray, scores_b: np.ndarray, level: float = 0.95,
+                       names: tuple[str, str] = ("a", "b")) -> dict:
+    """Whether base model a's lead over b survives fine-tuning noise.
+
+    ``scores_a``/``scores_b`` are (seeds, passes, items) on the same items (seeds and passes may
+    differ in number), nan where a judgement failed. The difference of the two ``mean_ci``
+    means over the items both have a score for from every seed; its variance is
+
+        var(d_i) / I + sigma_seed_a^2 / S_a + sigma_seed_b^2 / S_b
+
+    where ``d_i`` is item i's a-minus-b difference of seed-averaged scores: paired over items
+    (an item's difficulty cancels), with each model's own fine-tuning seed variance added
+    (runs of different base models share no seed effect). The interval is t with Satterthwaite's
+    degrees of freedom, as in ``mean_ci``. ``survives`` is True when the interval leaves out 0,
+    False when it holds 0, and None when a model has one seed (its seed variance is unknown
+    and left out of the interval). ``sentence`` says it in one line for the report.
+    """
+    scores_a, scores_b = np.asarray(scores_a, dtype=float), np.asarray(scores_b, dtype=float)
+    if scores_a.ndim != 3 or scores_b.ndim != 3 or scores_a.shape[2] != scores_b.shape[2]:
+        raise ValueError(f"paired_seed_robust: (seeds, passes, items) arrays on the same items needed, got shapes "
+                         f"{scores_a.shape} and {scores_b.shape}")
+    keep = ((~np.isnan(scores_a)).any(axis=1).all(axis=0)) & ((~np.isnan(scores_b)).any(axis=1).all(axis=0))
+    a, b = _CellAnova.of(scores_a, keep), _CellAnova.of(scores_b, keep)
+    items = int(keep.sum())
+    result = {"a": names[0], "b": names[1], "difference": None, "ci": [None, None], "se": None, "df": None,
+              "items": items, "seeds": [a.seeds, b.seeds], "survives": None, "sentence": ""}
+    single = [name for name, anova in zip(names, (a, b)) if anova.seeds < 2]
+    if items < 2:
+        result["sentence"] = f"{names[0]} vs {names[1]}: cannot tell, {items} item(s) scored for both"
+        return result
+    per_item = a.cell_means.mean(axis=0) - b.cell_means.mean(axis=0)
+    difference = float(per_item.mean())
+    terms = [(per_item.var(ddof=1) / items, items - 1), *a.seed_terms(), *b.seed_terms()]
+    variance, df = sum(value for value, _ in terms), _satterthwaite(terms)
+    half = t_quantile(1 - (1 - level) / 2, df) * math.sqrt(variance)
+    low, high = difference - half, difference + half
+    result.update(difference=_finite(difference), ci=_interval(low, high), se=_finite(math.sqrt(variance)),
+                  df=_finite(df))
+    seeds = f"{a.seeds} and {b.seeds} fine-tuning seeds" if a.seeds != b.seeds else f"{a.seeds} fine-tuning seeds each"
+    head = (f"{names[0]} - {names[1]}: {difference:+.1f} points ({round(level * 100)}% CI {low:+.1f} to "
+            f"{high:+.1f}")
+    if single:
+        result["sentence"] = (f"{head}, without the seed variance of {' and '.join(single)}): cannot tell whether "
+                              f"it survives fine-tuning noise, {' and '.join(single)} fine-tuned with one seed")
+    else:
+        result["survives"] = bool(low > 0 or high < 0)
+        verdict = ("survives fine-tuning noise" if result["survives"]
+                   else "does not survive fine-tuning noise (the interval holds 0)")
+        result["sentence"] = f"{head}, with {seeds}): the difference {verdict}"
+    return result

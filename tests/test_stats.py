@@ -13,7 +13,8 @@ import json
 import numpy as np
 import pytest
 
-from raygpt.stats import compact_letter_display, holm_adjust, paired_differences
+from raygpt.stats import (bootstrap_mean_ci, compact_letter_display, f_quantile, holm_adjust, mean_ci,
+                          paired_differences, paired_seed_robust, t_quantile, variance_components)
 
 
 def judged(quality: list[float], items: int, passes: int, rng: np.random.Generator, item_sd: float = 15,
@@ -23,6 +24,16 @@ def judged(quality: list[float], items: int, passes: int, rng: np.random.Generat
     model answered this item, plus the judge's noise in each pass."""
     truth = np.array(quality)[None] + rng.normal(0, item_sd, (items, 1)) + rng.normal(0, answer_sd, (items, len(quality)))
     return truth + rng.normal(0, judge_sd, (passes, items, len(quality))).mean(axis=0)
+
+
+def replicates(mean: float, seeds: int, passes: int, items: int, rng: np.random.Generator,
+               item: np.ndarray | None = None, item_sd: float = 12, seed_sd: float = 3, seed_item_sd: float = 5,
+               pass_sd: float = 8) -> np.ndarray:
+    """Scores (seeds, passes, items) of one base model fine-tuned ``seeds`` times: the item's
+    difficulty, the run's overall luck, the run's luck on the item, the judge's pass noise."""
+    item = rng.normal(0, item_sd, items) if item is None else item
+    return (mean + item[None, None] + rng.normal(0, seed_sd, (seeds, 1, 1))
+            + rng.normal(0, seed_item_sd, (seeds, 1, items)) + rng.normal(0, pass_sd, (seeds, passes, items)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,3 +108,86 @@ def test_letters_are_shared_exactly_by_the_pairs_that_cannot_be_told_apart():
             assert bool(set(letters[a]) & set(letters[b])) == ((a, b) in pairs), (models, pairs, letters)
         assert all(letters.values())
         assert compact_letter_display(models, set(pairs)) == letters
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning noise
+
+
+def test_distribution_quantiles_match_the_tables():
+    assert t_quantile(0.975, 2) == pytest.approx(4.302653, abs=1e-6)
+    assert t_quantile(0.025, 10) == pytest.approx(-2.228139, abs=1e-6)
+    assert t_quantile(0.975, 1e7) == pytest.approx(1.959964, abs=1e-5)
+    assert f_quantile(0.95, 3, 10) == pytest.approx(3.708265, abs=1e-6)
+    assert 2 * f_quantile(0.025, 2) == pytest.approx(0.0506356, abs=1e-6)  # chi-square(2)
+    assert 400 * f_quantile(0.975, 400) == pytest.approx(457.3055, abs=1e-3)
+
+
+def test_the_decomposition_recovers_planted_components_within_their_intervals():
+    planted = {"item": 12, "seed": 4, "seed_item": 5, "pass": 8}
+    covered = {name: 0 for name in planted}
+    covered_mean = covered_items_only = 0
+    runs = 100
+    for k in range(runs):
+        scores = replicates(60, seeds=4, passes=2, items=100, rng=np.random.default_rng(100 + k), **{
+            f"{name}_sd": sd for name, sd in planted.items()})
+        result = variance_components(scores)
+        for name, sd in planted.items():
+            low, high = result["components"][name]["ci_sd"]
+            covered[name] += low <= sd <= high
+        low, high = result["mean"]["ci"]
+        covered_mean += low <= 60 <= high
+        low, high = bootstrap_mean_ci(scores.mean(axis=(0, 1))[:, None], samples=300, seed=k)[0]
+        covered_items_only += low <= 60 <= high
+    # Seen over 100 simulations: item 94, seed 92, seed_item 96, pass 96 intervals hold the truth;
+    # the mean's interval 92, an interval over items alone only 70: seeds must be in it.
+    assert all(covered[name] >= 86 for name in planted), covered
+    assert covered_mean >= 86 and covered_items_only <= 80, (covered_mean, covered_items_only)
+
+
+def test_the_decomposition_says_what_one_seed_or_one_pass_cannot_estimate_and_skips_failures():
+    rng = np.random.default_rng(3)
+    scores = replicates(60, seeds=5, passes=3, items=150, rng=rng, seed_sd=6)
+    scores[rng.random(scores.shape) < 0.05] = np.nan  # failed judgements
+    scores[:, :, 7] = np.nan  # an item no pass of any seed was scored on
+    result = variance_components(scores)
+    assert (result["items"], result["items_dropped"]) == (149, 1)
+    low, high = result["components"]["seed"]["ci_sd"]
+    assert low <= 6 <= high and result["mean"]["includes_seed_variance"]
+    json.dumps(result, allow_nan=False)
+
+    one_seed = variance_components(scores[:1])
+    assert one_seed["components"]["seed"]["sd"] is None and one_seed["components"]["seed_item"]["sd"] is None
+    assert "one fine-tuning seed" in one_seed["notes"][0] and not one_seed["mean"]["includes_seed_variance"]
+    # With one seed the interval is the plain t interval over the items.
+    cells = np.nanmean(scores[0, :, result_items(scores[:1])], axis=1)
+    half = t_quantile(0.975, len(cells) - 1) * cells.std(ddof=1) / np.sqrt(len(cells))
+    assert one_seed["mean"]["ci"] == pytest.approx([cells.mean() - half, cells.mean() + half])
+
+    one_pass = variance_components(scores[:, :1])
+    assert one_pass["components"]["pass"]["sd"] is None and one_pass["components"]["seed_item"]["sd"] is None
+    assert one_pass["components"]["seed"]["sd"] is not None and any("one judge pass" in n for n in one_pass["notes"])
+
+
+def result_items(scores: np.ndarray) -> np.ndarray:
+    return (~np.isnan(scores)).any(axis=1).all(axis=0)
+
+
+def test_a_lead_survives_seed_noise_only_when_it_is_large_enough():
+    rng = np.random.default_rng(5)
+    item = rng.normal(0, 12, 100)
+    small = replicates(60, seeds=3, passes=2, items=100, rng=rng, item=item, seed_sd=4)
+    near = replicates(66, seeds=3, passes=2, items=100, rng=rng, item=item, seed_sd=4)
+    far = replicates(80, seeds=3, passes=2, items=100, rng=rng, item=item, seed_sd=4)
+    # Over items alone, 6 points on 100 items is clearly significant...
+    per_item = np.column_stack([near.mean(axis=(0, 1)), small.mean(axis=(0, 1))])
+    assert paired_differences(per_item, samples=500, seed=0)[0].different
+    # ...but three fine-tuning runs of each, 4 points apart run to run, cannot carry it.
+    close = paired_seed_robust(near, small, names=("near", "small"))
+    assert close["survives"] is False and close["ci"][0] < 0 < close["ci"][1]
+    assert close["sentence"].startswith("near - small: +") and "does not survive fine-tuning noise" in close["sentence"]
+    wide = paired_seed_robust(far, small, names=("far", "small"))
+    assert wide["survives"] is True and wide["ci"][0] < 20 < wide["ci"][1] and "survives" in wide["sentence"]
+    once = paired_seed_robust(far[:1], small, names=("far", "small"))
+    assert once["survives"] is None and "far fine-tuned with one seed" in once["sentence"]
+    json.dumps([close, wide, once], allow_nan=False)
