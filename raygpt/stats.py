@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Hashable, Iterable, Sequence
 
@@ -590,3 +591,317 @@ def paired_seed_robust(scores_a: np.ndarray, scores_b: np.ndarray, level: float 
                    else "does not survive fine-tuning noise (the interval holds 0)")
         result["sentence"] = f"{head}, with {seeds}): the difference {verdict}"
     return result
+
+
+def spearman_interval(losses: Sequence[float], scores: Sequence[np.ndarray], samples: int, seed: int,
+                      level: float = 0.95) -> dict:
+    """Spearman's rho between test loss and judged score across models, with an interval that
+    resamples both the items and each model's fine-tuning seeds.
+
+    ``losses[k]`` is model k's test loss (taken as exact: a test set of many tokens measures it
+    far more precisely than the judge measures the score); ``scores[k]`` is (seeds, items) or
+    (items,) of per-item scores (mean over passes), nan where none, the same items for every
+    model. A model's score is the mean over its seeds of each seed's mean over items. Each
+    bootstrap replicate draws items once for all models (they answered the same questions) and,
+    for each model apart, its seeds with replacement. With few seeds the seed resampling is a
+    little narrow ((S - 1) / S of the seed variance) and resampling both levels counts the
+    seed-by-item noise twice (a little wide); for a rank correlation no analytic interval does
+    better. Replicates in which a model has no score, or the scores tie so rho is undefined,
+    are left out. Negative rho: lower loss, higher score.
+    """
+    losses = np.asarray(losses, dtype=float)
+    arrays = [np.atleast_2d(np.asarray(s, dtype=float)) for s in scores]
+    if len(arrays) != len(losses):
+        raise ValueError(f"spearman_interval: {len(losses)} losses for {len(arrays)} models")
+    if len({a.shape[1] for a in arrays}) > 1:
+        raise ValueError(f"spearman_interval: models scored on different numbers of items "
+                         f"{sorted({a.shape[1] for a in arrays})}")
+    n_items = arrays[0].shape[1] if arrays else 0
+    seeds = [a.shape[0] for a in arrays]
+    result = {"spearman": None, "ci": [None, None], "models": len(arrays), "items": n_items, "seeds": seeds,
+              "resampled": "items and seeds" if max(seeds, default=1) > 1 else "items",
+              "bootstrap_samples": samples, "seed": seed}
+    if len(arrays) < 2 or n_items == 0:
+        return result
+    item_index = bootstrap_indices(n_items, samples, seed)
+    replicated = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the mean of no scores is nan, as intended
+        means = np.array([np.nanmean(np.nanmean(a, axis=1)) for a in arrays])
+        for k, a in enumerate(arrays):
+            per_seed = np.array([resampled_means(row, item_index) for row in a])  # (seeds, samples)
+            picks = bootstrap_indices(a.shape[0], samples, [seed, k + 1])  # (samples, seeds)
+            replicated.append(np.nanmean(per_seed[picks, np.arange(samples)[:, None]], axis=1))
+    replicated = np.array(replicated)  # (models, samples)
+    rho = spearman(losses, means) if not np.isnan(means).any() else math.nan
+    rhos = np.array([spearman(losses, column) for column in replicated.T if not np.isnan(column).any()])
+    result.update(spearman=_finite(rho), ci=_interval(*percentile_interval(rhos, level)))
+    return result
+
+
+def describe_agreement(rho: float | None, ci: Sequence[float | None], level: float = 0.95) -> str:
+    """One plain sentence on whether test loss and the judged score agree.
+
+    Agreement means lower loss goes with higher score, a negative Spearman(loss, score): "agree"
+    when the whole interval is below 0, "disagree" when it is all above, and "cannot tell at
+    this sample size" when it holds 0 or is undefined.
+    """
+    low, high = (None, None) if ci is None else ci
+    if rho is None or low is None or high is None or not all(map(math.isfinite, (rho, low, high))):
+        return "test loss and IFT score: cannot tell at this sample size (too few models or scores)"
+    numbers = f"Spearman {rho:.2f}, {round(level * 100)}% CI {low:.2f} to {high:.2f}"
+    if high < 0:
+        return f"test loss and IFT score agree (lower loss, higher score): {numbers}"
+    if low > 0:
+        return f"test loss and IFT score disagree (lower loss, lower score): {numbers}"
+    return f"test loss and IFT score: cannot tell at this sample size ({numbers})"
+
+
+def length_controlled(scores: np.ndarray, lengths: np.ndarray, reference_scores: np.ndarray | None = None,
+                      reference_lengths: np.ndarray | None = None, names: Sequence[str] | None = None) -> dict:
+    """Each model's score with its answers' length taken out, beside the raw score.
+
+    ``scores`` and ``lengths`` are (items, models) (lengths in any unit: characters, tokens),
+    nan where missing. As AlpacaEval 2 does for its win rate (Dubois et al. 2024), each answer
+    is compared with a reference answer to the same item, the reference anchor's if
+    ``reference_scores``/``reference_lengths`` (items,) are given, else the mean over models.
+    The model, fitted by least squares over every (item, model) with both values:
+
+        score[i, m] - reference_score[i] = theta[m] + beta * (length[i, m] - reference_length[i]) + noise
+
+    with one length coefficient ``beta`` (score points per unit of length) shared by all models
+    and an intercept per model. With the intercepts in, beta is learnt from how each model's
+    score moves with its own answers' lengths across items (the pooled within-model slope),
+    not from the fact that better models may also write longer answers. The length-controlled
+    score is the predicted score at zero length difference, ``mean(reference_score) +
+    theta[m]``, i.e. the raw score minus ``beta`` times the model's mean length difference.
+    Unlike AlpacaEval (a logistic model of preferences with a tanh-squashed length term) this
+    is linear, since judge scores are points, not preferences. ``raw`` is the mean over the
+    same cells. beta is None when lengths do not vary within any model.
+    """
+    scores, lengths = np.asarray(scores, dtype=float), np.asarray(lengths, dtype=float)
+    if scores.ndim != 2 or scores.shape != lengths.shape:
+        raise ValueError(f"length_controlled: scores {scores.shape} and lengths {lengths.shape} must be the same "
+                         f"(items, models) shape")
+    n_models = scores.shape[1]
+    labels = list(names) if names is not None else list(range(n_models))
+    given = reference_scores is not None
+    if given != (reference_lengths is not None):
+        raise ValueError("length_controlled: give both reference_scores and reference_lengths, or neither")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an item no model has both values for: nan
+        if given:
+            ref_score, ref_length = np.asarray(reference_scores, dtype=float), np.asarray(reference_lengths, dtype=float)
+        else:
+            both = ~np.isnan(scores) & ~np.isnan(lengths)
+            ref_score = np.nanmean(np.where(both, scores, np.nan), axis=1)
+            ref_length = np.nanmean(np.where(both, lengths, np.nan), axis=1)
+    d_score, d_length = scores - ref_score[:, None], lengths - ref_length[:, None]
+    used = ~np.isnan(d_score) & ~np.isnan(d_length)
+    count = used.sum(axis=0)
+    safe = np.maximum(count, 1)
+    mean_ds = np.where(used, d_score, 0).sum(axis=0) / safe
+    mean_dl = np.where(used, d_length, 0).sum(axis=0) / safe
+    centred_l = np.where(used, d_length - mean_dl, 0)
+    centred_s = np.where(used, d_score - mean_ds, 0)
+    spread = (centred_l ** 2).sum()
+    beta = float((centred_l * centred_s).sum() / spread) if spread > 0 else math.nan
+    models = []
+    for m in range(n_models):
+        cells = used[:, m]
+        raw = scores[cells, m].mean() if count[m] else math.nan
+        models.append({"model": labels[m], "raw": _finite(raw),
+                       "length_controlled": _finite(raw - beta * mean_dl[m]) if count[m] else None,
+                       "mean_length": _finite(lengths[cells, m].mean()) if count[m] else None,
+                       "mean_length_difference": _finite(mean_dl[m]) if count[m] else None,
+                       "items": int(count[m])})
+    return {"length_coefficient": _finite(beta), "reference": "given" if given else "mean over models",
+            "models": models}
+
+
+def _position_statistics(scores: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Per-item sufficient statistics of the position-effect fit (see ``position_bias``).
+
+    scores (passes, items, models) with nan where missing; slots the same shape, int position
+    or -1. Returns ``(gram, moment, within)``: gram (items, K, K) and moment (items, K), whose
+    sums over items give the normal equations ``gram @ effect = moment``, and whether the fit is
+    the within-answer one (some answer seen in two passes) or, with one pass, raw means.
+    """
+    n_positions = int(slots.max()) + 1
+    observed = ~np.isnan(scores) & (slots >= 0)
+    onehot = (slots[..., None] == np.arange(n_positions)) & observed[..., None]  # (P, I, M, K)
+    counts = onehot.sum(axis=0).astype(float)  # (I, M, K): each answer's passes per position
+    per_answer = observed.sum(axis=0)  # (I, M)
+    within = bool((per_answer >= 2).any())
+    y = np.where(observed, scores, 0.0)
+    if within:
+        # Take each answer's own mean out, so quality (item x model) cannot masquerade as position.
+        answer_mean = y.sum(axis=0) / np.maximum(per_answer, 1)
+        residual = np.where(observed, y - answer_mean[None], 0.0)
+        moment = np.einsum("pim,pimk->ik", residual, onehot)
+        gram = (np.einsum("imk,kl->ikl", counts, np.eye(n_positions))
+                - np.einsum("imk,iml->ikl", counts / np.maximum(per_answer, 1)[..., None], counts))
+    else:
+        # One pass: orders are random, so the mean at a position minus the overall mean is unbiased.
+        moment = np.einsum("pim,pimk->ik", y, onehot)
+        gram = counts.sum(axis=1)  # (I, K): observations per position, a diagonal
+    return gram, moment, within
+
+
+def _position_effects(gram: np.ndarray, moment: np.ndarray, within: bool) -> np.ndarray:
+    """Solve summed statistics for the position effects, centred on the average position.
+
+    gram (..., K, K) or (..., K) (raw means), moment (..., K); effects (..., K), nan where a
+    position has no observation."""
+    if within:
+        effects = np.einsum("...kl,...l->...k", np.linalg.pinv(gram), moment)
+        seen = np.einsum("...kk->...k", gram) > 0
+    else:
+        seen = gram > 0
+        means = moment / np.where(seen, gram, 1)
+        overall = moment.sum(axis=-1, keepdims=True) / np.maximum(gram.sum(axis=-1, keepdims=True), 1)
+        effects = means - overall
+    effects = np.where(seen, effects, np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return effects - np.nanmean(effects, axis=-1, keepdims=True)
+
+
+def _range(effects: np.ndarray) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmax(effects, axis=-1) - np.nanmin(effects, axis=-1)
+
+
+def _position_null(y: np.ndarray, slots: np.ndarray, gram: np.ndarray, within: bool, samples: int,
+                   rng: np.random.Generator) -> np.ndarray:
+    """Position effects (samples, K) fitted after a shuffle that leaves no position effect.
+
+    Within answers: each answer's observed scores are dealt to its observed passes in a random
+    order (its positions, and so ``gram``, stay as they were). One pass: each item's positions
+    are dealt among its models at random.
+    """
+    observed = ~np.isnan(y) & (slots >= 0)
+    n_positions = gram.shape[-1]
+    if within:
+        passes = np.arange(y.shape[0])[:, None, None]
+        # Observed passes first, in their own order (targets) and in a random one (sources).
+        targets = np.argsort(np.where(observed, passes, np.inf), axis=0, kind="stable")
+        sources = np.argsort(np.where(observed, rng.random((samples,) + y.shape), np.inf), axis=1)
+        shuffled = np.empty((samples,) + y.shape)
+        np.put_along_axis(shuffled, np.broadcast_to(targets, shuffled.shape),
+                          np.take_along_axis(np.broadcast_to(y, shuffled.shape), sources, axis=1), axis=1)
+        per_answer = observed.sum(axis=0)
+        answer_mean = np.where(observed, y, 0.0).sum(axis=0) / np.maximum(per_answer, 1)
+        residual = np.where(observed, shuffled - answer_mean, 0.0)
+        onehot = ((slots[..., None] == np.arange(n_positions)) & observed[..., None]).astype(float)
+        moments = residual.reshape(samples, -1) @ onehot.reshape(-1, n_positions)
+        return _position_effects(np.broadcast_to(gram, (samples,) + gram.shape), moments, within)
+    keys = np.where(slots >= 0, rng.random((samples,) + slots.shape), np.inf)
+    dealt = np.take_along_axis(np.broadcast_to(slots, keys.shape), np.argsort(keys, axis=-1), axis=-1)
+    onehot = (dealt[..., None] == np.arange(n_positions)) & ~np.isnan(y)[..., None]  # (samples, P, I, M, K)
+    moments = np.einsum("pim,spimk->sk", np.where(np.isnan(y), 0.0, y), onehot.astype(float))
+    return _position_effects(onehot.sum(axis=(1, 2, 3)).astype(float), moments, within)
+
+
+def position_bias(scores: np.ndarray, positions: np.ndarray, candidates_mask: Sequence[bool], samples: int,
+                  seed: int, level: float = 0.95) -> dict:
+    """How much the position an answer is shown in moves its score, from the models' answers only.
+
+    ``scores`` and ``positions`` are (passes, items, candidates): the score and the 0-based
+    place in the presented order, nan where missing; ``candidates_mask`` is True for models
+    and False for the anchors, which are left out: the reference and the empty answer sit at
+    the ceiling and the floor of the scale, where a bonus cannot show, so with them in the
+    estimate reads low. The fit is ``score = quality(item, model) + effect(position)`` by least
+    squares, effects centred on the average position: with the answer's quality taken out
+    (each answer is seen in several positions over the passes, the orders being rotated), only
+    how its score moves with its position is left. With one pass, the mean score at a position
+    minus the overall mean (orders are random, so that is unbiased, if noisier).
+
+    ``range`` (most minus least favoured position) is never negative, so it is read against
+    ``noise_floor``: the median range when scores are shuffled among the passes of each answer
+    (with one pass: positions among the models of each item), which keeps the presentation
+    design and removes any position effect; ``null_95`` is that null's 95th percentile and
+    ``p_value`` the share of it at least as large as the observed range (+1 corrected).
+    Intervals (per position and of the range) resample items. Positions are reported as
+    0-based indices.
+    """
+    scores, positions = np.asarray(scores, dtype=float), np.asarray(positions, dtype=float)
+    mask = np.asarray(candidates_mask, dtype=bool)
+    if scores.ndim != 3 or scores.shape != positions.shape or mask.shape != (scores.shape[2],):
+        raise ValueError(f"position_bias: scores {scores.shape} and positions {positions.shape} must be (passes, "
+                         f"items, candidates) with one mask entry per candidate ({mask.shape})")
+    y, slots = scores[:, :, mask], np.where(np.isnan(positions), -1, positions).astype(int)[:, :, mask]
+    passes, n_items, n_models = y.shape
+    if n_items == 0 or n_models == 0 or slots.max() < 0:
+        return {"by_position": [], "range": None, "range_ci": [None, None], "noise_floor": None, "null_95": None,
+                "p_value": None, "models": int(n_models), "method": None}
+    gram, moment, within = _position_statistics(y, slots)
+    effects = _position_effects(gram.sum(axis=0), moment.sum(axis=0), within)
+    observed_range = float(_range(effects))
+
+    index = bootstrap_indices(n_items, samples, seed)
+    weights = np.zeros((samples, n_items))
+    np.add.at(weights, (np.arange(samples)[:, None], index), 1.0)  # how often each item is drawn
+    resampled = _position_effects(np.tensordot(weights, gram, axes=1), weights @ moment, within)  # (samples, K)
+    ranges = _range(resampled)
+    null_effects = _position_null(y, slots, gram.sum(axis=0), within, samples, np.random.default_rng([seed, 1]))
+    null_ranges = _range(null_effects)
+    null_ranges = null_ranges[~np.isnan(null_ranges)]
+    rows = []
+    for k in range(len(effects)):
+        n = int(((slots == k) & ~np.isnan(y)).sum())
+        rows.append({"position": k, "n": n, "effect": _finite(effects[k]),
+                     "ci": _interval(*percentile_interval(resampled[:, k], level))})
+    return {"by_position": rows, "range": _finite(observed_range),
+            "range_ci": _interval(*percentile_interval(ranges, level)),
+            "noise_floor": _finite(np.median(null_ranges)) if len(null_ranges) else None,
+            "null_95": _finite(np.percentile(null_ranges, 95)) if len(null_ranges) else None,
+            "p_value": _finite((1 + (null_ranges >= observed_range).sum()) / (1 + len(null_ranges))),
+            "models": int(n_models), "method": "within answers across passes" if within else "raw means (one pass)"}
+
+
+def item_agreement(scores: np.ndarray) -> dict | None:
+    """How well the judge's passes agree on the same answers: the informative consistency check.
+
+    ``scores`` is (passes, items, models), nan where a judgement failed. ``within_item`` is
+    Spearman's rho between two passes' scores of the models' answers to one item, averaged
+    over items and pairs of passes: does the judge order the same answers the same way when
+    only the presentation order changed? (Items whose scores tie in a pass, so rho is
+    undefined, are left out.) ``icc`` is the one-way intraclass correlation ICC(1) with each
+    (item, model) answer a group and its passes the replicates (unequal counts handled by the
+    usual n0): the share of one judgement's variance that belongs to the answer rather than to
+    the pass, i.e. the reliability of a single judgement. Both fall as judge noise rises, unlike
+    the Spearman of per-pass model means, which averages the noise away over items and stays
+    near 1 long after the judge has stopped telling answers apart. None with fewer than two
+    passes.
+    """
+    scores = np.asarray(scores, dtype=float)
+    if scores.ndim != 3:
+        raise ValueError(f"item_agreement: scores must be (passes, items, models), got shape {scores.shape}")
+    passes, n_items, _ = scores.shape
+    if passes < 2:
+        return None
+    rhos = []
+    for p, q in itertools.combinations(range(passes), 2):
+        for i in range(n_items):
+            both = ~np.isnan(scores[p, i]) & ~np.isnan(scores[q, i])
+            if both.sum() >= 2:
+                rhos.append(spearman(scores[p, i, both], scores[q, i, both]))
+    rhos = np.array(rhos)
+    rhos = rhos[~np.isnan(rhos)]
+    observed = ~np.isnan(scores)
+    per_answer = observed.sum(axis=0)  # (items, models)
+    answer_means = np.where(observed, scores, 0.0).sum(axis=0) / np.maximum(per_answer, 1)
+    counts, means = per_answer[per_answer > 0], answer_means[per_answer > 0]
+    groups, total = len(counts), int(counts.sum())
+    icc = math.nan
+    if groups >= 2 and total > groups:
+        grand = (counts * means).sum() / total
+        ms_between = (counts * (means - grand) ** 2).sum() / (groups - 1)
+        ms_within = np.nansum((scores - answer_means[None]) ** 2) / (total - groups)
+        n0 = (total - (counts ** 2).sum() / total) / (groups - 1)
+        denominator = ms_between + (n0 - 1) * ms_within
+        icc = (ms_between - ms_within) / denominator if denominator > 0 else math.nan
+    return {"within_item": _finite(rhos.mean()) if len(rhos) else None, "icc": _finite(icc),
+            "item_pairs": int(len(rhos)), "pass_pairs": passes * (passes - 1) // 2, "answers": int(groups)}
