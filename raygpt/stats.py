@@ -13,8 +13,8 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Hashable, Iterable, Sequence
 
 import numpy as np
 
@@ -335,7 +335,8 @@ def f_quantile(q: float, df1: float, df2: float = math.inf) -> float:
 
     numpy has no distribution quantiles and raygpt takes no scipy, so the F CDF is the
     regularized incomplete beta function (chi-square: the incomplete gamma), inverted by
-    bisection; accurate to about 1e-10, non-integer degrees of freedom (Satterthwaite's) allowed.
+    bisection; it matches printed tables to their last digit, and takes the non-integer degrees
+    of freedom Satterthwaite's approximation gives.
     """
     if math.isinf(df2):
         # chi-square quantile x = 2 y; search y = t / (1 - t) over t in (0, 1).
@@ -353,12 +354,17 @@ def t_quantile(q: float, df: float) -> float:
     return magnitude if q > 0.5 else -magnitude
 
 
-def _satterthwaite(terms: list[tuple[float, float]]) -> float:
-    """Degrees of freedom of a sum of scaled mean squares ``sum(c * MS)``, given as (c * MS, df)
-    pairs: Satterthwaite's (1946) approximation, used to put a t quantile on such a sum."""
-    total = sum(value for value, _ in terms)
+def _t_interval(center: float, terms: list[tuple[float, float]], level: float) -> dict:
+    """``center +- t * se`` where the variance ``se^2`` is a sum of scaled mean squares, given as
+    (c * MS, df) pairs, and t has Satterthwaite's (1946) degrees of freedom for such a sum,
+    ``(sum c MS)^2 / sum((c MS)^2 / df)``. A zero variance gives a zero-width interval."""
+    variance = sum(value for value, _ in terms)
     spread = sum(value ** 2 / df for value, df in terms if df > 0)
-    return total ** 2 / spread if spread > 0 else math.inf
+    if not variance > 0:
+        return {"ci": _interval(center, center), "se": 0.0, "df": None}
+    df = variance ** 2 / spread if spread > 0 else math.inf
+    half = t_quantile(1 - (1 - level) / 2, df) * math.sqrt(variance)
+    return {"ci": _interval(center - half, center + half), "se": _finite(math.sqrt(variance)), "df": _finite(df)}
 
 
 @dataclass
@@ -402,7 +408,7 @@ class _CellAnova:
         within = np.nansum((kept - cells[:, None]) ** 2)
         df_pass = float((n - 1).sum())
         seeds, items = cells.shape
-        ms = dict(ms_seed=math.nan, ms_item=math.nan, ms_interaction=math.nan)
+        ms = {"ms_seed": math.nan, "ms_item": math.nan, "ms_interaction": math.nan}
         if items:
             grand = cells.mean()
             seed_means, item_means = cells.mean(axis=1), cells.mean(axis=0)
@@ -534,10 +540,7 @@ def mean_ci(scores: np.ndarray, level: float = 0.95, _anova: _CellAnova | None =
     result["mean"] = _finite(mean)
     if items < 2:
         return result
-    terms = [(anova.ms_item / (seeds * items), items - 1), *anova.seed_terms()]
-    variance, df = sum(value for value, _ in terms), _satterthwaite(terms)
-    half = t_quantile(1 - (1 - level) / 2, df) * math.sqrt(variance)
-    result.update(ci=_interval(mean - half, mean + half), se=_finite(math.sqrt(variance)), df=_finite(df))
+    result.update(_t_interval(mean, [(anova.ms_item / (seeds * items), items - 1), *anova.seed_terms()], level))
     return result
 
 
@@ -573,12 +576,10 @@ def paired_seed_robust(scores_a: np.ndarray, scores_b: np.ndarray, level: float 
         return result
     per_item = a.cell_means.mean(axis=0) - b.cell_means.mean(axis=0)
     difference = float(per_item.mean())
-    terms = [(per_item.var(ddof=1) / items, items - 1), *a.seed_terms(), *b.seed_terms()]
-    variance, df = sum(value for value, _ in terms), _satterthwaite(terms)
-    half = t_quantile(1 - (1 - level) / 2, df) * math.sqrt(variance)
-    low, high = difference - half, difference + half
-    result.update(difference=_finite(difference), ci=_interval(low, high), se=_finite(math.sqrt(variance)),
-                  df=_finite(df))
+    interval = _t_interval(difference, [(per_item.var(ddof=1) / items, items - 1), *a.seed_terms(),
+                                        *b.seed_terms()], level)
+    result.update(difference=_finite(difference), **interval)
+    low, high = interval["ci"]
     seeds = f"{a.seeds} and {b.seeds} fine-tuning seeds" if a.seeds != b.seeds else f"{a.seeds} fine-tuning seeds each"
     head = (f"{names[0]} - {names[1]}: {difference:+.1f} points ({round(level * 100)}% CI {low:+.1f} to "
             f"{high:+.1f}")
@@ -832,7 +833,7 @@ def position_bias(scores: np.ndarray, positions: np.ndarray, candidates_mask: Se
         raise ValueError(f"position_bias: scores {scores.shape} and positions {positions.shape} must be (passes, "
                          f"items, candidates) with one mask entry per candidate ({mask.shape})")
     y, slots = scores[:, :, mask], np.where(np.isnan(positions), -1, positions).astype(int)[:, :, mask]
-    passes, n_items, n_models = y.shape
+    _, n_items, n_models = y.shape
     if n_items == 0 or n_models == 0 or slots.max() < 0:
         return {"by_position": [], "range": None, "range_ci": [None, None], "noise_floor": None, "null_95": None,
                 "p_value": None, "models": int(n_models), "method": None}
@@ -845,7 +846,10 @@ def position_bias(scores: np.ndarray, positions: np.ndarray, candidates_mask: Se
     np.add.at(weights, (np.arange(samples)[:, None], index), 1.0)  # how often each item is drawn
     resampled = _position_effects(np.tensordot(weights, gram, axes=1), weights @ moment, within)  # (samples, K)
     ranges = _range(resampled)
-    null_effects = _position_null(y, slots, gram.sum(axis=0), within, samples, np.random.default_rng([seed, 1]))
+    rng = np.random.default_rng([seed, 1])
+    block = 100  # shuffles at a time: memory stays at 100 copies of the scores
+    null_effects = np.concatenate([_position_null(y, slots, gram.sum(axis=0), within, min(block, samples - start), rng)
+                                   for start in range(0, samples, block)])
     null_ranges = _range(null_effects)
     null_ranges = null_ranges[~np.isnan(null_ranges)]
     rows = []
@@ -857,7 +861,8 @@ def position_bias(scores: np.ndarray, positions: np.ndarray, candidates_mask: Se
             "range_ci": _interval(*percentile_interval(ranges, level)),
             "noise_floor": _finite(np.median(null_ranges)) if len(null_ranges) else None,
             "null_95": _finite(np.percentile(null_ranges, 95)) if len(null_ranges) else None,
-            "p_value": _finite((1 + (null_ranges >= observed_range).sum()) / (1 + len(null_ranges))),
+            "p_value": (_finite((1 + (null_ranges >= observed_range).sum()) / (1 + len(null_ranges)))
+                        if len(null_ranges) and not math.isnan(observed_range) else None),
             "models": int(n_models), "method": "within answers across passes" if within else "raw means (one pass)"}
 
 
@@ -904,4 +909,4 @@ def item_agreement(scores: np.ndarray) -> dict | None:
         denominator = ms_between + (n0 - 1) * ms_within
         icc = (ms_between - ms_within) / denominator if denominator > 0 else math.nan
     return {"within_item": _finite(rhos.mean()) if len(rhos) else None, "icc": _finite(icc),
-            "item_pairs": int(len(rhos)), "pass_pairs": passes * (passes - 1) // 2, "answers": int(groups)}
+            "item_pairs": len(rhos), "pass_pairs": passes * (passes - 1) // 2, "answers": int(groups)}

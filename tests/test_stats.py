@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from raygpt.stats import (bootstrap_mean_ci, compact_letter_display, describe_agreement, f_quantile, holm_adjust,
-                          item_agreement, length_controlled, paired_differences, paired_seed_robust, position_bias,
-                          spearman, spearman_interval, t_quantile, variance_components)
+                          item_agreement, length_controlled, mean_ci, paired_differences, paired_seed_robust,
+                          position_bias, spearman, spearman_interval, t_quantile, variance_components)
 
 
 def judged(quality: list[float], items: int, passes: int, rng: np.random.Generator, item_sd: float = 15,
@@ -356,3 +356,32 @@ def test_item_agreement_falls_as_judge_noise_rises_while_pass_means_stay_in_step
     assert icc[0] > icc[1] > icc[2]
     assert min(pass_means) > 0.9
     assert item_agreement(scores[:1]) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Missing and degenerate inputs
+
+
+def test_failed_judgements_are_left_out_never_counted_as_zeros():
+    scores = np.array([[[80.0, 60.0, np.nan], [70.0, np.nan, np.nan]]])  # (1 seed, 2 passes, 3 items)
+    # Item 0: (80 + 70) / 2, item 1: 60 (its second pass failed), item 2: no score at all.
+    result = mean_ci(scores)
+    assert (result["mean"], result["items"]) == (pytest.approx((75 + 60) / 2), 2)
+    assert variance_components(scores)["items_dropped"] == 1
+    lengths = np.array([[100.0, 200.0], [150.0, np.nan], [120.0, 180.0]])
+    controlled = length_controlled(np.array([[50.0, 70.0], [60.0, 90.0], [np.nan, 80.0]]), lengths)
+    # Only cells with both a score and a length count: items 0 and 1 for the first, 0 and 2 for the second.
+    assert [(m["items"], m["raw"]) for m in controlled["models"]] == [(2, 55.0), (2, 75.0)]
+
+
+def test_undefined_statistics_are_none_and_json_ready():
+    constant = np.full((3, 2, 20), 50.0)
+    results = [variance_components(constant), paired_seed_robust(constant, constant + 1),
+               variance_components(np.full((2, 2, 5), np.nan)), spearman_interval([1, 2], [np.ones(5)] * 2, 50, 0),
+               position_bias(np.ones((2, 3, 3)), np.tile(np.arange(3.0), (2, 3, 1)), [True] * 3, 20, 0),
+               item_agreement(np.full((2, 3, 3), np.nan))]
+    json.dumps(results, allow_nan=False)
+    assert results[0]["mean"]["ci"] == [50.0, 50.0] and results[1]["survives"] is True
+    assert results[2]["mean"]["mean"] is None and results[3]["spearman"] is None
+    assert results[4]["range"] is None and results[4]["p_value"] is None  # no answer ever changed position
+    assert results[5]["icc"] is None
