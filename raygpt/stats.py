@@ -470,8 +470,10 @@ def variance_components(scores: np.ndarray, level: float = 0.95) -> dict:
     within a (seed, item) cell. Each variance is estimated by the method of moments (ANOVA:
     a difference of mean squares, scaled; Searle, Casella & McCulloch 1992), clipped at 0, with
     the F-ratio interval of ``_component``. Missing passes are handled by computing the
-    ANOVA on cell means with the harmonic mean of passes per cell ("unweighted means"); items
-    lacking every pass of some seed are dropped and counted.
+    ANOVA on cell means with the harmonic mean of passes per cell ("unweighted means"); an item
+    that some seed has no score for in any pass is dropped and counted. In comparative mode a
+    call shared by several seeds' answers can move them together; that shows as pass noise
+    here and makes the seed-by-item variance read a little low.
 
     With one seed the seed and seed-by-item variances cannot be estimated: they are None, and
     the item component then also holds the seed-by-item part. With one pass the pass and
