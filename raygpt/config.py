@@ -160,8 +160,12 @@ class TrainConfig:
     val_tokens: int = 1_048_576
     """Validation tokens per evaluation, shared across workers."""
 
-    num_workers: int = 1
-    """Ray Train workers (one per GPU on GPU clusters)."""
+    num_workers: int | list[int] = 1
+    """Ray Train workers (one per GPU on GPU clusters): a number, or ``[min, max]`` for an
+    elastic run that continues on the workers that remain when capacity shrinks (down to
+    ``min``) and grows back to ``max`` when it returns. Any count works: the global batch is
+    split into shares that differ by at most one micro-batch, and the trajectory does not
+    depend on the count."""
 
     use_gpu: bool | None = None
     """Train on GPUs. None: yes when the Ray cluster has any."""
@@ -177,6 +181,27 @@ class TrainConfig:
     max_failures: int = 3
     """Times Ray Train restarts the workers from the last checkpoint after a worker or node dies."""
 
+    max_preemption_failures: int = -1
+    """Spot reclaims (a node drained with a preemption notice) the run recovers from, counted
+    apart from ``max_failures``. -1: every one."""
+
+    preemption_check_s: float = 5.0
+    """Seconds of training between checks for a preemption notice (a collective; agreed across
+    ranks by counting steps of the measured step time). On a notice the run saves at once and
+    then after every step until its node goes, so the resumed run recomputes nothing."""
+
+    preemption_grace_s: float = 0.0
+    """Seconds the surviving workers may run past a preemption deadline (Ray Train's
+    ``FailureConfig.preemption_grace_s``): room for a just-in-time checkpoint to upload."""
+
+    relax_collectives_on_preemption: bool = False
+    """Let Ray Train's report and preemption collectives complete without the workers of a
+    node being preempted (``FailureConfig.relax_collectives_on_preemption``)."""
+
+    elastic_resize_s: float = 60.0
+    """Elastic runs: how often Ray Train looks for capacity to grow back to the maximum
+    worker count (``ScalingConfig.elastic_resize_monitor_interval_s``)."""
+
     fail_at_step: int | None = None
     """Fault injection for tests: the last worker exits hard at this step, once per run."""
 
@@ -189,6 +214,11 @@ class TrainConfig:
 class CheckpointConfig:
     interval: int = 1000
     """Save a checkpoint every this many steps (and at the end)."""
+
+    interval_minutes: float | None = 30.0
+    """Also save when this many minutes of training passed since the last save (whichever of
+    the two comes first), so what a kill without notice costs is bounded in time on any
+    cluster. None: by steps only."""
 
     keep: int = 2
     """Checkpoints kept in storage; older ones are deleted."""
@@ -401,14 +431,31 @@ class RunSpec:
             raise RaygptError("invalid run spec:\n  " + "\n  ".join(problems))
 
 
+def worker_range(num_workers: int | list[int]) -> tuple[int, int]:
+    """``train.num_workers`` as (min, max): a number n is (n, n)."""
+    return (num_workers, num_workers) if isinstance(num_workers, int) else (num_workers[0], num_workers[1])
+
+
+def _worker_count_problems(num_workers: Any) -> list[str]:
+    if isinstance(num_workers, bool) or not isinstance(num_workers, (int, list)):
+        return [f"train.num_workers: expected a number or [min, max], got {_describe(num_workers)}"]
+    if isinstance(num_workers, int):
+        return [] if num_workers > 0 else [f"train.num_workers: must be positive, got {num_workers}"]
+    if len(num_workers) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) for n in num_workers):
+        return [f"train.num_workers: expected [min, max] (two numbers), got {num_workers!r}"]
+    if not 1 <= num_workers[0] <= num_workers[1]:
+        return [f"train.num_workers: [min, max] needs 1 <= min <= max, got {num_workers!r}"]
+    return []
+
+
 def check_spec(spec: RunSpec) -> list[str]:
     """Cross-field checks that types alone cannot express; each problem names its key."""
     problems = []
     if not spec.name or "/" in spec.name:
         problems.append(f"name: {spec.name!r} must be a non-empty name without '/'")
     t = spec.train
-    for key in ("global_batch_tokens", "micro_batch_size", "num_workers", "log_interval", "cpus_per_worker",
-                "val_tokens"):
+    problems += _worker_count_problems(t.num_workers)
+    for key in ("global_batch_tokens", "micro_batch_size", "log_interval", "cpus_per_worker", "val_tokens"):
         if getattr(t, key) <= 0:
             problems.append(f"train.{key}: must be positive, got {getattr(t, key)}")
     if t.lr <= 0:
@@ -432,6 +479,15 @@ def check_spec(spec: RunSpec) -> list[str]:
         problems.append(f"model.dropout: must be in [0, 1), got {spec.model.dropout}")
     if spec.checkpoint.keep < 1:
         problems.append(f"checkpoint.keep: must be at least 1, got {spec.checkpoint.keep}")
+    if spec.checkpoint.interval_minutes is not None and not spec.checkpoint.interval_minutes > 0:
+        problems.append(f"checkpoint.interval_minutes: must be positive or null, got {spec.checkpoint.interval_minutes}")
+    for key in ("preemption_check_s", "elastic_resize_s"):
+        if not getattr(t, key) > 0:
+            problems.append(f"train.{key}: must be positive, got {getattr(t, key)}")
+    if not t.preemption_grace_s >= 0:
+        problems.append(f"train.preemption_grace_s: must not be negative, got {t.preemption_grace_s}")
+    if t.max_preemption_failures < -1:
+        problems.append(f"train.max_preemption_failures: must be -1 (every one) or more, got {t.max_preemption_failures}")
     if spec.checkpoint.interval <= 0:
         problems.append(f"checkpoint.interval: must be positive, got {spec.checkpoint.interval}")
     if spec.data.tokens is not None and spec.data.chinchilla is not None:

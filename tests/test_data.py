@@ -282,6 +282,21 @@ def test_global_batch_is_the_same_for_any_number_of_workers(random_dataset, tmp_
             assert torch.equal(torch.cat(ys), torch.from_numpy(expected[:, 1:]))
 
 
+def test_any_worker_count_covers_the_global_batch_in_shares_that_differ_by_one_micro_batch(random_dataset):
+    from raygpt.data.batches import micro_batch_share
+
+    assert [list(micro_batch_share(8, r, 3)) for r in range(3)] == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    uri, _ = random_dataset
+    batches = TrainBatches(uri, Storage(), seq_len=T, seed=1337, global_batch_size=8)
+    for step in (0, 6):
+        whole = torch.cat([x for x, _ in batches.micro_batches(step, 0, 1, 1)])
+        for world in (3, 5, 7, 8):
+            shares = [batches.micro_batches(step, rank, world, 1) for rank in range(world)]
+            assert max(map(len, shares)) - min(map(len, shares)) <= 1
+            assert torch.equal(torch.cat([x for share in shares for x, _ in share]), whole)
+    batches.close()
+
+
 def test_each_epoch_visits_every_sequence_once_in_a_seeded_order(random_dataset):
     uri, _ = random_dataset
     batches = TrainBatches(uri, Storage(), seq_len=T, seed=1337, global_batch_size=8)
@@ -308,10 +323,10 @@ PINNED_STEP0 = [[2, 0], [2, 8], [2, 12], [2, 17], [2, 11], [2, 18], [2, 13], [2,
 def test_bad_batch_shapes_are_clear_errors(random_dataset):
     uri, _ = random_dataset
     batches = TrainBatches(uri, Storage(), seq_len=T, seed=0, global_batch_size=8)
-    with pytest.raises(RaygptError, match="global batch of 8 sequences does not split into 3 worker"):
-        batches.micro_batches(0, 0, 3, 1)
-    with pytest.raises(RaygptError, match="multiple of 16"):
-        batches.micro_batches(0, 0, 2, 8)
+    with pytest.raises(RaygptError, match="global batch of 8 sequences does not split into micro batches of 3"):
+        batches.micro_batches(0, 0, 3, 3)
+    with pytest.raises(RaygptError, match="a global batch of 1 micro batches leaves worker 1 of 2 none"):
+        batches.micro_batches(0, 1, 2, 8)
     with pytest.raises(RaygptError, match="fewer than one global batch of 64"):
         TrainBatches(uri, Storage(), seq_len=T, seed=0, global_batch_size=64)
 

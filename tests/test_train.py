@@ -36,12 +36,18 @@ def tiny_spec(storage_path: str, dataset: str, name: str, *overrides: str):
 # The plan: unit tests, no Ray
 
 
-def test_global_batch_the_workers_cannot_divide_is_a_clear_error():
+def test_any_worker_count_splits_the_batch_but_micro_batches_must_divide_it():
     spec = load_spec(None, ["model.preset=tiny", "train.seq_len=32", "train.global_batch_tokens=1024",
-                            "train.num_workers=3", "train.micro_batch_size=4"])
-    with pytest.raises(RaygptError, match=r"train.global_batch_tokens: 1024 tokens = 32 sequences of 32, which 3 "
-                                          r"workers x micro_batch_size 4 = 12 sequences per pass cannot divide; "
-                                          r"use a multiple of 384 tokens \(e.g. 768 or 1152\)"):
+                            "train.num_workers=[2, 3]", "train.micro_batch_size=4"])
+    plan = plan_run(spec, train_tokens=100_000, use_gpu=False)  # 8 micro-batches: shares of 3, 3, 2 on 3 workers
+    assert (plan.micro_batches, plan.min_workers, plan.num_workers, plan.grad_accum_steps) == (8, 2, 3, 3)
+    spec.train.micro_batch_size = 5
+    with pytest.raises(RaygptError, match=r"train.global_batch_tokens: 1024 tokens = 32 sequences of 32, which "
+                                          r"micro-batches of train.micro_batch_size 5 cannot divide; use a multiple "
+                                          r"of 160 tokens \(e.g. 960 or 1120\)"):
+        plan_run(spec, train_tokens=100_000, use_gpu=False)
+    spec.train.micro_batch_size, spec.train.num_workers = 16, 3
+    with pytest.raises(RaygptError, match="train.num_workers: 3 workers, but a step has only 2 micro-batches"):
         plan_run(spec, train_tokens=100_000, use_gpu=False)
     spec.train.global_batch_tokens = 1000
     with pytest.raises(RaygptError, match="not a multiple of the sequence length 32"):

@@ -31,6 +31,15 @@ if TYPE_CHECKING:  # torch is imported where tensors are made, so tokenizer proc
 _SHARD_ORDER, _SEQUENCE_ORDER = 0, 1
 
 
+def micro_batch_share(micro_batches: int, rank: int, world_size: int) -> range:
+    """The global micro-batch indices worker ``rank`` of ``world_size`` computes: a contiguous
+    share, the first ``micro_batches % world_size`` workers taking one more than the rest, so
+    any worker count splits a global batch (shares differ by at most one micro-batch)."""
+    base, extra = divmod(micro_batches, world_size)
+    first = rank * base + min(rank, extra)
+    return range(first, first + base + (rank < extra))
+
+
 class TrainBatches:
     """Global batch ``step`` of the train split, and each worker's share of it.
 
@@ -109,18 +118,22 @@ class TrainBatches:
 
     def micro_batches(self, step: int, rank: int, world_size: int,
                       micro_batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Worker ``rank``'s contiguous slice of global batch ``step``, as ``accum`` micro-batches
-        of (x, y), int64, shape (micro_batch_size, seq_len)."""
+        """Worker ``rank``'s contiguous share of global batch ``step`` (``micro_batch_share``),
+        as micro-batches of (x, y), int64, shape (micro_batch_size, seq_len)."""
         import torch
 
         if not 0 <= rank < world_size:
             raise RaygptError(f"rank {rank} is not in 0..{world_size - 1}")
-        if micro_batch_size < 1 or self.global_batch_size % (world_size * micro_batch_size):
-            raise RaygptError(f"a global batch of {self.global_batch_size} sequences does not split into "
-                              f"{world_size} worker(s) x micro batches of {micro_batch_size}: make "
-                              f"train.global_batch_tokens / seq_len a multiple of {world_size * micro_batch_size}")
-        per_worker = self.global_batch_size // world_size
-        ids = self.sequence_ids(step, rank * per_worker, per_worker)
+        if micro_batch_size < 1 or self.global_batch_size % micro_batch_size:
+            raise RaygptError(f"a global batch of {self.global_batch_size} sequences does not split into micro "
+                              f"batches of {micro_batch_size}: make train.global_batch_tokens / seq_len a multiple "
+                              f"of {max(micro_batch_size, 1)}")
+        share = micro_batch_share(self.global_batch_size // micro_batch_size, rank, world_size)
+        if not share:
+            raise RaygptError(f"a global batch of {self.global_batch_size // micro_batch_size} micro batches leaves "
+                              f"worker {rank} of {world_size} none: use fewer workers or smaller micro batches")
+        per_worker = len(share) * micro_batch_size
+        ids = self.sequence_ids(step, share.start * micro_batch_size, per_worker)
         T = self.seq_len
         rows = np.empty((per_worker, T + 1), dtype=np.int64)
         for row, (shard, sequence) in enumerate(ids):

@@ -26,10 +26,11 @@ class TrainerState:
     step, so the step is also the data cursor and the schedule position."""
 
     def __init__(self, schedule: Schedule, scaler: torch.amp.GradScaler, seed: int, spec: RunSpec,
-                 world_size: int):
+                 world_size: int, manifest_sha256: str | None = None):
         self.step = 0
         self.tokens_seen = 0
         self.schedule, self.scaler, self.seed, self.spec, self.world_size = schedule, scaler, seed, spec, world_size
+        self.manifest_sha256 = manifest_sha256
 
     def advance(self, tokens: int) -> None:
         self.step += 1
@@ -37,7 +38,7 @@ class TrainerState:
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "tokens_seen": self.tokens_seen,
-                "data": {"seed": self.seed, "next_batch": self.step},
+                "data": {"seed": self.seed, "next_batch": self.step, "manifest_sha256": self.manifest_sha256},
                 "schedule": {**self.schedule.state_dict(), "next_lr": self.schedule.lr_at(self.step)},
                 "scaler": self.scaler.state_dict(), "world_size": self.world_size,
                 "raygpt_version": __version__, "spec": recorded_spec(self.spec)}

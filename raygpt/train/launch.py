@@ -31,16 +31,18 @@ from ray.train import (
 )
 from ray.train.torch import TorchTrainer
 from ray.util.queue import Queue
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raygpt.cluster import cluster_has_gpus, connect, failure_message, forwarded_env, poll_reports_often
 from raygpt.config import RunSpec
 from raygpt.data.batches import count_eval_windows
 from raygpt.data.manifest import load_manifest, manifest_hash
-from raygpt.errors import RaygptError, last_line
+from raygpt.errors import RaygptError
 from raygpt.model import GPT, config_from_spec
+from raygpt.stages import RUN_RECORD_FILE
 from raygpt.storage import Storage, join
 from raygpt.train.loop import train_loop_per_worker
-from raygpt.train.metrics import MetricsStream, read_metrics, summarize
+from raygpt.train.metrics import AttemptLog, MetricsStream, describe_attempts, read_metrics, summarize
 from raygpt.train.plan import TrainPlan, plan_run
 from raygpt.train.progress import ProgressView
 from raygpt.train.runrecord import RunRecord
@@ -73,9 +75,15 @@ def check_dataset(dataset: str, storage: Storage) -> dict[str, Any]:
     return manifest
 
 
-def check_resume(run_uri: str, spec: RunSpec, storage: Storage) -> dict[str, Any] | None:
+# Settings that decide which sequences step k reads: a resume must keep them.
+DATA_DEFINING = ("global_batch_tokens", "seq_len", "seed")
+
+
+def check_resume(run_uri: str, spec: RunSpec, storage: Storage,
+                 manifest_sha256: str | None = None) -> dict[str, Any] | None:
     """The trainer state of the checkpoint this run resumes from (None for a new run), after
-    checking that it holds the model the spec describes."""
+    checking that it holds the model the spec describes and reads the same data at every step
+    (the same global batch, sequence length, seed and dataset; the worker count may change)."""
     latest = latest_checkpoint(run_uri, storage)
     if latest is None:
         return None
@@ -90,7 +98,32 @@ def check_resume(run_uri: str, spec: RunSpec, storage: Storage) -> dict[str, Any
     if saved_config.tie_weights != config.tie_weights:
         raise RaygptError(f"checkpoint {latest} was trained with model.tie_weights={saved_config.tie_weights}; "
                           f"the spec says {config.tie_weights}: resume with the same setting or start a new run name")
-    return storage.read_json(join(latest, TRAINER_STATE_FILE))
+    state = storage.read_json(join(latest, TRAINER_STATE_FILE))
+    check_same_data(state, latest, spec, saved_config.context_length, config.context_length, manifest_sha256,
+                    run_uri, storage)
+    return state
+
+
+def check_same_data(state: dict[str, Any], checkpoint: str, spec: RunSpec, saved_context: int, context: int,
+                    manifest_sha256: str | None, run_uri: str, storage: Storage) -> None:
+    """A RaygptError naming the first data-defining setting that differs from the checkpoint's."""
+    saved = (state.get("spec") or {}).get("train") or {}
+    now = {"global_batch_tokens": spec.train.global_batch_tokens, "seq_len": spec.train.seq_len or context,
+           "seed": spec.train.seed}
+    before = {"global_batch_tokens": saved.get("global_batch_tokens"), "seq_len": saved.get("seq_len") or saved_context,
+              "seed": saved.get("seed")}
+    for key in DATA_DEFINING:
+        if before[key] is not None and before[key] != now[key]:
+            raise RaygptError(f"train.{key}: {now[key]!r}, but the run {spec.name} was trained with {before[key]!r} "
+                              f"(checkpoint {checkpoint}): resuming would read other sequences at every step; keep "
+                              f"{before[key]!r} or start a new run name")
+    saved_manifest = (state.get("data") or {}).get("manifest_sha256")
+    if saved_manifest is None and storage.exists(join(run_uri, RUN_RECORD_FILE)):  # checkpoints of raygpt 0.1.0
+        saved_manifest = (storage.read_json(join(run_uri, RUN_RECORD_FILE)).get("dataset") or {}).get("manifest_sha256")
+    if manifest_sha256 and saved_manifest and saved_manifest != manifest_sha256:
+        raise RaygptError(f"train.dataset: {spec.train.dataset} has manifest {manifest_sha256[:12]}, but the run "
+                          f"{spec.name} was trained on {saved_manifest[:12]}: resuming would read other sequences; "
+                          "use the dataset it was trained on or start a new run name")
 
 
 def check_validation_split(manifest: dict[str, Any], plan: TrainPlan, spec: RunSpec) -> None:
@@ -101,14 +134,16 @@ def check_validation_split(manifest: dict[str, Any], plan: TrainPlan, spec: RunS
 
 
 def check_cluster(plan: TrainPlan, spec: RunSpec, started_locally: bool) -> None:
-    need = {"CPU": plan.num_workers * spec.train.cpus_per_worker, "GPU": plan.num_workers if plan.use_gpu else 0}
+    """A local instance that cannot hold the (fewest) workers is an error; a cluster may still grow."""
+    workers = plan.min_workers
+    need = {"CPU": workers * spec.train.cpus_per_worker, "GPU": workers if plan.use_gpu else 0}
     have = ray.cluster_resources()
     short = [f"{need[k]:g} {k}s (the cluster has {have.get(k, 0):g})" for k in need if need[k] > have.get(k, 0)]
     if short and started_locally:
-        raise RaygptError(f"train.num_workers: {plan.num_workers} workers need {' and '.join(short)}; lower "
+        raise RaygptError(f"train.num_workers: {workers} workers need {' and '.join(short)}; lower "
                           "train.num_workers / train.cpus_per_worker or pass --num-cpus")
     if short:
-        print(f"raygpt train: waiting for the cluster to grow: {plan.num_workers} workers need {' and '.join(short)}",
+        print(f"raygpt train: waiting for the cluster to grow: {workers} workers need {' and '.join(short)}",
               file=sys.stderr)
 
 
@@ -131,9 +166,8 @@ class MetricsCallback(UserCallback):
         self.stream.add(report, checkpoint=os.path.basename(checkpoint.path) if checkpoint is not None else None)
 
     def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
-        self.stream.flush()
         rank, error = next(iter(sorted(worker_exceptions.items())))
-        self.stream.event({"event": "worker_failure", "rank": rank, "error": last_line(str(error))})
+        self.stream.failed(error, rank)
 
 
 def train(spec: RunSpec, address: str | None = None, num_cpus: int | None = None, console=None) -> dict[str, Any]:
@@ -143,7 +177,7 @@ def train(spec: RunSpec, address: str | None = None, num_cpus: int | None = None
     storage.check_access(spec.storage_path, write=True)
     manifest = check_dataset(spec.train.dataset, storage)
     config = config_from_spec(spec.model)
-    resume_state = check_resume(run_uri, spec, storage)
+    resume_state = check_resume(run_uri, spec, storage, manifest_hash(manifest))
 
     started_locally = not (address or os.environ.get("RAY_ADDRESS")) and not ray.is_initialized()
     connect(address, num_cpus)
@@ -166,18 +200,28 @@ def train(spec: RunSpec, address: str | None = None, num_cpus: int | None = None
         return record.previous() or record.record
     record.write()
 
-    queue = Queue(actor_options={"num_cpus": 0})
-    stream = MetricsStream(read_metrics(run_uri, storage), [MetricsFile(run_uri, storage), QueueSink(queue)])
+    # The queue to the progress view lives on the driver's node: a lost worker node must not take it along.
+    queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False)})
+    previous_attempts = (record.previous() or {}).get("attempts", [])
+    stream = MetricsStream(read_metrics(run_uri, storage), [MetricsFile(run_uri, storage), QueueSink(queue)],
+                           attempts=previous_attempts)
     ray_storage_path, ray_filesystem = storage.ray_storage(spec.storage_path)
     resources = {"CPU": spec.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec, "plan": plan, "env": forwarded_env()},
-        scaling_config=ScalingConfig(num_workers=plan.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=(plan.min_workers, plan.num_workers) if plan.elastic else plan.num_workers, use_gpu=use_gpu,
+            resources_per_worker=resources,
+            **({"elastic_resize_monitor_interval_s": spec.train.elastic_resize_s} if plan.elastic else {})),
         run_config=RunConfig(
             name=spec.name, storage_path=ray_storage_path, storage_filesystem=ray_filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
-            failure_config=FailureConfig(max_failures=spec.train.max_failures),
+            failure_config=FailureConfig(
+                max_failures=spec.train.max_failures, max_preemption_failures=spec.train.max_preemption_failures,
+                relax_collectives_on_preemption=spec.train.relax_collectives_on_preemption,
+                preemption_grace_s=spec.train.preemption_grace_s),
             callbacks=[MetricsCallback(stream)],
             # Ray Train's per-report INFO lines would drown the progress view.
             logging_config=LoggingConfig(log_level="WARNING"),
@@ -185,23 +229,29 @@ def train(spec: RunSpec, address: str | None = None, num_cpus: int | None = None
     )
     poll_reports_often()
     begun = time.time()
-    view = ProgressView(plan, start_step, queue, console)
+    view = ProgressView(plan, start_step, queue, console, attempts=previous_attempts)
+
+    def finish(status: str, **fields: Any) -> None:
+        attempts = AttemptLog(view.attempts)
+        attempts.finish(status)
+        record.finish(status, restarts=len(view.failures), attempts=attempts.attempts, **fields)
+
     try:
         with view:
             result = trainer.fit()
     except TrainingFailedError as e:
         message = failure_message(e)
-        record.finish("failed", error=message, restarts=len(view.failures))
+        finish("failed", error=message)
         raise RaygptError(message) from None
     except (KeyboardInterrupt, SystemExit):
         # On Ctrl-C, Ray Train aborts the workers and exits the driver with status 0; the run is
         # resumable from its last checkpoint, and the caller should hear "interrupted".
-        record.finish("interrupted", restarts=len(view.failures))
+        finish("interrupted")
         raise KeyboardInterrupt from None
     finally:
         ray.kill(queue.actor)
     if view.fatal_error is not None:
-        record.finish("failed", error=view.fatal_error)
+        finish("failed", error=view.fatal_error)
         raise RaygptError(view.fatal_error)
 
     records = read_metrics(run_uri, storage)
@@ -211,6 +261,7 @@ def train(spec: RunSpec, address: str | None = None, num_cpus: int | None = None
     if devices:
         record.record["hardware"]["devices"] = devices
     status = "finished" if final.get("step") == plan.max_steps else "stopped"
-    record.finish(status, final=final, restarts=len(view.failures),
-                  checkpoint=result.checkpoint.path if result.checkpoint else None)
+    finish(status, final=final, checkpoint=result.checkpoint.path if result.checkpoint else None)
+    if len(record.record["attempts"]) > 1:
+        print(f"raygpt train: {describe_attempts(record.record['attempts'])}")
     return record.record

@@ -14,6 +14,7 @@ import tempfile
 import time
 from typing import Any
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -22,11 +23,13 @@ from ray.train import CheckpointUploadMode
 from raygpt.cluster import quiet_report_logs
 from raygpt.storage import Storage, join
 from raygpt.train.metrics import MetricsWindow, device_name
+from raygpt.train.saving import SaveSchedule
 from raygpt.train.step import Worker, agreed_setup, due, save_checkpoint, set_up_worker, train_step, validation_loss
 from raygpt.weights.checkpoint import checkpoint_dir_name
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    started = time.time()
     spec, plan = config["spec"], config["plan"]
     os.environ.update(config["env"])  # the driver's RAYGPT_CACHE_DIR etc.: workers inherit their node's env
     quiet_report_logs()
@@ -48,42 +51,56 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ray.train.report({"fatal_error": error})
         return
     try:
-        run_loop(w)
+        run_loop(w, started)
     finally:
         w.close()
 
 
-def run_loop(w: Worker) -> None:
+def run_loop(w: Worker, attempt_started: float) -> None:
     spec, plan = w.spec, w.plan
     window = MetricsWindow(first_step=w.state.step + 1, world_size=w.world_size,
                            global_batch_tokens=plan.global_batch_tokens, flops_per_token=w.flops_per_token,
                            peak_flops=w.peak_flops, device=w.device)
-    first_report = True
+    saves = SaveSchedule(interval_steps=spec.checkpoint.interval, interval_minutes=spec.checkpoint.interval_minutes,
+                         check_s=spec.train.preemption_check_s, stop_step=plan.stop_step, world_size=w.world_size,
+                         device=w.device, preemption_info=ray.train.get_preemption_info)
+    first_report, first_step_at, noticed = True, None, False
     while w.state.step < plan.stop_step:
         inject_fault(w)
         loss, grad_norm = train_step(w, w.state.step)
         window.add(loss, grad_norm, w.schedule.lr_at(w.state.step))
         w.state.advance(plan.global_batch_tokens)
         step, last = w.state.step, w.state.step == plan.stop_step
+        first_step_at = first_step_at or time.time()
 
         val_loss = None
         if due(step, spec.train.val_interval) or (last and spec.train.val_interval > 0):
             started = time.perf_counter()
             val_loss = validation_loss(w)
             window.exclude(time.perf_counter() - started)
-        save = due(step, spec.checkpoint.interval) or last
-        if not (due(step, spec.train.log_interval) or save or val_loss is not None):
+        reason = saves.due(step)
+        if not (due(step, spec.train.log_interval) or reason or val_loss is not None):
             continue
         metrics = window.flush(step, w.state.tokens_seen)
-        metrics["max_steps"] = plan.max_steps
+        saves.observe_step_time(window.step_time_s)
+        metrics.update(max_steps=plan.max_steps, preemption_checks=saves.checks,
+                       preemption_check_s=saves.check_seconds)
         if val_loss is not None:
             metrics["val_loss"] = val_loss
+        if reason is not None:
+            metrics["checkpoint_reason"] = reason
+        if reason == "preemption" and not noticed:
+            metrics["preemption_notice"] = {"deadline_ms": saves.notice.deadline_ms,
+                                            "ranks": saves.notice.preempted_ranks}
+            noticed = True
         if first_report:
             metrics.update(resumed_from_step=w.resumed_from_step, device=device_name(w.device),
-                           precision=w.precision.name, world_size=w.world_size)
+                           precision=w.precision.name, world_size=w.world_size, attempt_started=attempt_started,
+                           first_step_at=first_step_at)
             first_report = False
-        stall = report(w, metrics, save)
+        stall = report(w, metrics, save=reason is not None)
         if stall is not None:
+            saves.saved()
             report(w, {"step": step, "checkpoint_stall_s": stall}, save=False)
         window.started = time.perf_counter()
 

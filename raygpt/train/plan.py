@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from raygpt.config import RunSpec
+from raygpt.config import RunSpec, worker_range
+from raygpt.data.batches import micro_batch_share
 from raygpt.errors import RaygptError
 from raygpt.model import config_from_spec
 from raygpt.train.parallel import STRATEGIES
@@ -25,15 +26,24 @@ class TrainPlan:
     global_batch_size: int
     """Sequences per optimizer step, across all workers."""
     micro_batch_size: int
+    micro_batches: int
+    """Micro-batches per optimizer step, across all workers: global_batch_size / micro_batch_size."""
     num_workers: int
+    """Workers the run asks for (the most an elastic run grows to)."""
+    min_workers: int
+    """The fewest workers an elastic run continues on (``num_workers`` for a fixed-size run)."""
     grad_accum_steps: int
-    """Micro-batches per worker per step: global_batch_size / (num_workers * micro_batch_size)."""
+    """Micro-batches of the largest share at ``num_workers`` workers (see ``micro_batch_share``)."""
     max_steps: int
     """Where the LR schedule ends."""
     stop_step: int
     """Where this session ends: ``train.stop_at_step`` or ``max_steps``."""
     use_gpu: bool
     train_tokens: int
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers < self.num_workers
 
 
 def plan_run(spec: RunSpec, train_tokens: int, use_gpu: bool) -> TrainPlan:
@@ -51,15 +61,20 @@ def plan_run(spec: RunSpec, train_tokens: int, use_gpu: bool) -> TrainPlan:
         raise RaygptError(f"train.global_batch_tokens: {t.global_batch_tokens} is not a multiple of the sequence "
                           f"length {seq_len}")
     global_batch_size = t.global_batch_tokens // seq_len
-    per_pass = t.num_workers * t.micro_batch_size
-    if global_batch_size % per_pass:
-        step = per_pass * seq_len
+    min_workers, num_workers = worker_range(t.num_workers)
+    if global_batch_size % t.micro_batch_size:
+        step = t.micro_batch_size * seq_len
         lower = max(step, t.global_batch_tokens // step * step)
         raise RaygptError(
             f"train.global_batch_tokens: {t.global_batch_tokens} tokens = {global_batch_size} sequences of {seq_len}, "
-            f"which {t.num_workers} workers x micro_batch_size {t.micro_batch_size} = {per_pass} sequences per pass "
-            f"cannot divide; use a multiple of {step} tokens (e.g. {lower} or {lower + step}), or change "
-            "train.num_workers / train.micro_batch_size")
+            f"which micro-batches of train.micro_batch_size {t.micro_batch_size} cannot divide; use a multiple of "
+            f"{step} tokens (e.g. {lower} or {lower + step}), or change train.micro_batch_size")
+    micro_batches = global_batch_size // t.micro_batch_size
+    if micro_batches < num_workers:
+        raise RaygptError(
+            f"train.num_workers: {num_workers} workers, but a step has only {micro_batches} micro-batches of "
+            f"{t.micro_batch_size} sequences: raise train.global_batch_tokens or lower train.micro_batch_size "
+            "or train.num_workers")
     max_steps = t.max_steps if t.max_steps is not None else train_tokens // t.global_batch_tokens
     if max_steps <= 0:
         raise RaygptError(f"train.max_steps: the dataset {t.dataset} has {train_tokens:,} training tokens, less than "
@@ -67,6 +82,6 @@ def plan_run(spec: RunSpec, train_tokens: int, use_gpu: bool) -> TrainPlan:
                           "train.global_batch_tokens")
     stop_step = min(t.stop_at_step, max_steps) if t.stop_at_step is not None else max_steps
     return TrainPlan(seq_len=seq_len, global_batch_tokens=t.global_batch_tokens, global_batch_size=global_batch_size,
-                     micro_batch_size=t.micro_batch_size, num_workers=t.num_workers,
-                     grad_accum_steps=global_batch_size // per_pass, max_steps=max_steps, stop_step=stop_step,
-                     use_gpu=use_gpu, train_tokens=train_tokens)
+                     micro_batch_size=t.micro_batch_size, micro_batches=micro_batches, num_workers=num_workers,
+                     min_workers=min_workers, grad_accum_steps=len(micro_batch_share(micro_batches, 0, num_workers)),
+                     max_steps=max_steps, stop_step=stop_step, use_gpu=use_gpu, train_tokens=train_tokens)

@@ -8,6 +8,7 @@ from typing import Any
 from ray.util.queue import Empty
 from rich.console import Console
 
+from raygpt.train.metrics import describe_attempts
 from raygpt.train.plan import TrainPlan
 
 
@@ -15,11 +16,14 @@ class ProgressView:
     """The driver's view of the metrics stream: a live progress bar on a terminal, one line per
     report otherwise (CI, Ray job logs). A sink of the metrics stream, fed through a Ray queue."""
 
-    def __init__(self, plan: TrainPlan, start_step: int, queue, console=None):
+    def __init__(self, plan: TrainPlan, start_step: int, queue, console=None,
+                 attempts: list[dict[str, Any]] | None = None):
         self.plan, self.queue = plan, queue
         self.console = console or Console(stderr=False)
         self.records: list[dict[str, Any]] = []
         self.failures: list[dict[str, Any]] = []
+        self.attempts: list[dict[str, Any]] = list(attempts or [])
+        """The run's attempts, as the metrics stream last sent them."""
         self.fatal_error: str | None = None
         self.start_step = start_step
         self._stop = threading.Event()
@@ -63,13 +67,20 @@ class ProgressView:
         if "fatal_error" in record:
             self.fatal_error = record["fatal_error"]
             return
+        if record.get("event") == "attempts":
+            self.attempts = record["attempts"]
+            return
+        if "preemption_notice" in record:
+            self._print(f"[yellow]preemption notice for rank(s) {record['preemption_notice']['ranks']}: saved at "
+                        f"step {record['step']}, saving after every step until the node goes[/]")
         if record.get("event") == "worker_failure":
             self.failures.append(record)
             self._print(f"[yellow]worker {record['rank']} failed ({record['error']}); Ray Train restarts the "
                         "workers from the last checkpoint[/]")
             return
         if "resumed_from_step" in record and record["resumed_from_step"] > 0:
-            self._print(f"resumed from step {record['resumed_from_step']}")
+            self._print(f"resumed from step {record['resumed_from_step']} on {record.get('world_size')} worker(s)"
+                        + (f" ({describe_attempts(self.attempts)})" if len(self.attempts) > 1 else ""))
         if "loss" in record:
             self.records.append(record)
         line = self._line(record)

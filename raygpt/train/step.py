@@ -15,11 +15,12 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from raygpt.config import RunSpec
-from raygpt.data.batches import TrainBatches, eval_batches
+from raygpt.data.batches import TrainBatches, eval_batches, micro_batch_share
 from raygpt.errors import RaygptError
 from raygpt.evaluate import token_loss_sums
 from raygpt.model import GPT, config_from_spec
@@ -77,7 +78,7 @@ def set_up_worker(spec: RunSpec, plan: TrainPlan, rank: int, world_size: int, de
     storage = Storage.from_config(spec.storage)
     batches = TrainBatches(t.dataset, storage, plan.seq_len, t.seed, plan.global_batch_size,
                            max_cached_shards=t.cache_shards)
-    state = TrainerState(schedule, precision.scaler, t.seed, spec, world_size)
+    state = TrainerState(schedule, precision.scaler, t.seed, spec, world_size, batches.cache.manifest_sha256)
     rng = RngState()
     seed_everything(t.seed + 1 + rank)  # each rank draws its own dropout masks
     try:
@@ -123,22 +124,33 @@ def agreed_setup(build, world_size: int) -> tuple[Worker | None, str | None]:
 
 
 def train_step(w: Worker, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step on global batch ``step``; returns this worker's mean loss and the
-    gradient norm before clipping (both unsynchronised tensors)."""
+    """One optimizer step on global batch ``step``; returns this worker's part of the step's
+    mean loss (summed over workers, it is the global batch's) and the gradient norm before
+    clipping (both unsynchronised tensors).
+
+    The worker computes its share of the step's micro-batches (``micro_batch_share``). Each
+    micro-batch's loss counts 1/M of the global batch's and the strategy averages gradients
+    over the W workers, so scaling each loss by W/M makes the gradient exactly the mean over
+    every token of the global batch whatever the shares. Dropout masks come from a generator
+    seeded by (seed, step, micro-batch index), never by the rank: the trajectory does not
+    depend on the worker count.
+    """
     lr = w.schedule.lr_at(step)
     for group in w.optimizer.param_groups:
         group["lr"] = lr
+    share = micro_batch_share(w.plan.micro_batches, w.rank, w.world_size)
     micro_batches = w.batches.micro_batches(step, w.rank, w.world_size, w.plan.micro_batch_size)
+    scale = w.world_size / w.plan.micro_batches
     scaler = w.precision.scaler
     loss_sum = torch.zeros((), device=w.device)
-    for i, (x, y) in enumerate(micro_batches):
+    for i, (index, (x, y)) in enumerate(zip(share, micro_batches)):
         x, y = x.to(w.device, non_blocking=True), y.to(w.device, non_blocking=True)
         last = i == len(micro_batches) - 1
+        torch.manual_seed(dropout_seed(w.spec.train.seed, step, index))
         with contextlib.nullcontext() if last else w.strategy.no_sync(w.training_model, w.world_size):
             with w.precision.autocast():
                 _, loss = w.training_model(x, y)
-            # Mean over micro-batches; the strategy averages over workers: the gradient is the global-batch mean.
-            scaler.scale(loss / len(micro_batches)).backward()
+            scaler.scale(loss * scale).backward()
         loss_sum += loss.detach()
     scaler.unscale_(w.optimizer)
     max_norm = w.spec.train.grad_clip if w.spec.train.grad_clip > 0 else math.inf
@@ -146,7 +158,15 @@ def train_step(w: Worker, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     scaler.step(w.optimizer)
     scaler.update()
     w.optimizer.zero_grad(set_to_none=True)
-    return loss_sum / len(micro_batches), grad_norm.detach()
+    return loss_sum * scale, grad_norm.detach()
+
+
+def dropout_seed(seed: int, step: int, micro_batch: int) -> int:
+    """The seed of micro-batch ``micro_batch``'s dropout masks at ``step``."""
+    return int(np.random.SeedSequence([seed, _DROPOUT_STREAM, step, micro_batch]).generate_state(1, np.uint64)[0])
+
+
+_DROPOUT_STREAM = 2  # apart from the data order's streams (0: shard order, 1: sequence order)
 
 
 def validation_loss(w: Worker) -> float | None:
