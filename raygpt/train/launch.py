@@ -160,9 +160,11 @@ class MetricsCallback(UserCallback):
         if "step" not in report:  # a setup error every worker agreed on: the driver reports it
             self.stream.event(report)
             return
-        if not self._devices_seen and "device" in report:
-            report["devices"] = [m.get("device") for m in metrics]
-            self._devices_seen = True
+        if "node" in report:  # an attempt's first report: where its workers run, by rank
+            report["nodes"] = [m.get("node") for m in metrics]
+            if not self._devices_seen:
+                report["devices"] = [m.get("device") for m in metrics]
+                self._devices_seen = True
         self.stream.add(report, checkpoint=os.path.basename(checkpoint.path) if checkpoint is not None else None)
 
     def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:

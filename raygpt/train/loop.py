@@ -95,24 +95,27 @@ def run_loop(w: Worker, attempt_started: float) -> None:
             noticed = True
         if first_report:
             metrics.update(resumed_from_step=w.resumed_from_step, device=device_name(w.device),
-                           precision=w.precision.name, world_size=w.world_size, attempt_started=attempt_started,
-                           first_step_at=first_step_at)
+                           node=ray.get_runtime_context().get_node_id(), precision=w.precision.name,
+                           world_size=w.world_size, attempt_started=attempt_started, first_step_at=first_step_at)
             first_report = False
-        stall = report(w, metrics, save=reason is not None)
+        stall = report(w, metrics, save=reason is not None, durable=reason == "preemption")
         if stall is not None:
             saves.saved()
             report(w, {"step": step, "checkpoint_stall_s": stall}, save=False)
         window.started = time.perf_counter()
 
 
-def report(w: Worker, metrics: dict[str, Any], save: bool) -> float | None:
+def report(w: Worker, metrics: dict[str, Any], save: bool, durable: bool = False) -> float | None:
     """``ray.train.report`` the metrics and, with ``save``, a checkpoint; returns the seconds the
     save stalled the loop (local write + report call) when saving.
 
     Every report of an async run is async: Ray keeps reports in order, so a synchronous one
-    would wait for the previous checkpoint's upload.
+    would wait for the previous checkpoint's upload. ``durable``: return only once the
+    checkpoint is uploaded and registered (after a preemption notice: the node may go any
+    moment, and the next attempt must find this step's checkpoint).
     """
-    mode = CheckpointUploadMode.ASYNC if w.spec.checkpoint.async_upload else CheckpointUploadMode.SYNC
+    mode = (CheckpointUploadMode.ASYNC if w.spec.checkpoint.async_upload and not durable
+            else CheckpointUploadMode.SYNC)
     if not save:
         ray.train.report(metrics, checkpoint_upload_mode=mode)
         return None

@@ -136,7 +136,7 @@ class AttemptLog:
         if previous is not None:
             self._end(previous, "preemption notice" if previous.get("notice") else "resize",
                       report.get("attempt_started", time.time()))
-        attempt = {"attempt": len(self.attempts) + 1, "world_size": report.get("world_size"),
+        attempt = {"attempt": len(self.attempts) + 1, "world_size": report.get("world_size"), "nodes": report.get("nodes"),
                    "resumed_from_step": report["resumed_from_step"], "first_step": report["resumed_from_step"] + 1,
                    "last_step": report["resumed_from_step"], "started": report.get("attempt_started"),
                    "first_step_at": report.get("first_step_at"), "open": True}
