@@ -300,6 +300,12 @@ class IftConfig:
     seed: int = 123
     """Seeds the batch order and dropout. The split never depends on it."""
 
+    seeds: list[int] = field(default_factory=list)
+    """Fine-tune every base model once per seed (each seeds the batch order and dropout): the
+    replicates are ``<model>@seed<k>`` under ``output``, and the judge pools them into one score
+    per base model whose interval includes the seed-to-seed variance. Empty: once, with
+    ``seed``, as ``<model>``."""
+
     output: str | None = None
     """Where answers, metrics and fine-tuned models go. None: ``<storage_path>/ift``."""
 
@@ -373,6 +379,26 @@ class JudgeConfig:
 
     output: str | None = None
     """Where judgements go. None: ``<storage_path>/judge``."""
+
+    identity: str | None = None
+    """Who the judge is, for the cache key (which leaves the address out, so the same judge on
+    another host or port reuses its judgements). None: "openai" for OpenAI itself, else what
+    the endpoint lists about ``model`` under /v1/models (id, owned_by and, where given, root,
+    parent, meta: vLLM's weights path, llama.cpp's model facts), asked once per address and
+    remembered in ``cache_dir``. Name it here when two servers list one model alike but serve
+    it differently (two quantizations under one name)."""
+
+    batch: bool = False
+    """Send the calls through the OpenAI Batch API (half price, answered within 24 h): one JSONL
+    upload, one batch, polled; its id is saved under ``output`` at once, so an interrupted run
+    resumes polling the same batch. Replies are parsed, validated and cached as direct ones."""
+
+    batch_poll_s: float = 60.0
+    """Seconds between two looks at a running batch."""
+
+    batch_wait_s: float | None = None
+    """Stop polling after this many seconds, leaving the batch running (run again to collect
+    it). None: poll until it ends."""
 
 
 @dataclass
@@ -520,6 +546,14 @@ def check_spec(spec: RunSpec) -> list[str]:
     for key in ("price_input_per_mtok", "price_output_per_mtok"):
         if getattr(spec.judge, key) is not None and getattr(spec.judge, key) < 0:
             problems.append(f"judge.{key}: must not be negative, got {getattr(spec.judge, key)}")
+    if spec.judge.batch_poll_s <= 0:
+        problems.append(f"judge.batch_poll_s: must be positive, got {spec.judge.batch_poll_s}")
+    if spec.judge.batch_wait_s is not None and spec.judge.batch_wait_s < 0:
+        problems.append(f"judge.batch_wait_s: must not be negative, got {spec.judge.batch_wait_s}")
+    if spec.judge.identity is not None and not spec.judge.identity.strip():
+        problems.append("judge.identity: must not be empty (leave it out to ask the endpoint)")
+    if len(set(spec.ift.seeds)) != len(spec.ift.seeds):
+        problems.append(f"ift.seeds: {spec.ift.seeds} lists a seed twice")
     if spec.report.bootstrap_samples <= 0:
         problems.append(f"report.bootstrap_samples: must be positive, got {spec.report.bootstrap_samples}")
     return problems

@@ -11,6 +11,11 @@ For each base model, in its own Ray task (a GPU each when the cluster has GPUs):
 4. ``answers/<model>.json`` (what the judge reads), ``<model>/metrics.json`` (loss history,
    best step) and the fine-tuned model in ``<model>/model/``, under ``ift.output``.
 
+With ``ift.seeds`` each base model is fine-tuned once per seed, a task each, as replicates
+named ``<model>@seed<k>`` (``answers/<model>@seed<k>.json`` with ``base_model`` and ``seed``,
+``<model>@seed<k>/...``): the judge pools them and puts the seed-to-seed variance in the
+interval of the base model's score.
+
 The answers file is written last: a model with an answers file is complete, and a re-run skips
 it unless its base checkpoint, the data or the settings changed (``--force`` redoes it).
 """
@@ -18,6 +23,7 @@ it unless its base checkpoint, the data or the settings changed (``--force`` red
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -36,7 +42,7 @@ from raygpt.config import IftConfig, RunSpec, spec_to_dict
 from raygpt.errors import RaygptError
 from raygpt.evaluate import token_loss_sums
 from raygpt.prompts import PromptStyle, get_prompt_style
-from raygpt.stages import ANSWERS_FOLDER, ift_dir
+from raygpt.stages import ANSWERS_FOLDER, ift_dir, replicate_id
 from raygpt.storage import Storage, is_remote, join
 from raygpt.tokenizer import ENDOFTEXT, EOT_ID, get_tokenizer
 from raygpt.train.components import Precision, choose_precision
@@ -322,13 +328,17 @@ class IftLayout:
 
 
 def finetune_one(ref: str, spec: RunSpec, storage: Storage, splits: InstructionSplits,
-                 dataset: dict[str, Any], output: str, force: bool = False) -> dict[str, Any]:
-    """Load ``ref``, fine-tune it, answer the test split and write its results; return a summary."""
+                 dataset: dict[str, Any], output: str, force: bool = False, seed: int | None = None) -> dict[str, Any]:
+    """Load ``ref``, fine-tune it, answer the test split and write its results; return a summary.
+
+    ``seed``: one replicate of ``ift.seeds``, fine-tuned with that seed in place of ``ift.seed``
+    and written as ``<model>@seed<seed>``; None: the one run of ``ift.seed``, as ``<model>``.
+    """
     from raygpt.weights.checkpoint import save_model_dir
     from raygpt.weights.refs import load_model, model_id
 
-    cfg = spec.ift
-    name = model_id(ref)
+    cfg = spec.ift if seed is None else dataclasses.replace(spec.ift, seed=seed)
+    name = replicate_id(model_id(ref), seed)
     layout = IftLayout(output, name)
 
     def log(message: str) -> None:
@@ -353,7 +363,7 @@ def finetune_one(ref: str, spec: RunSpec, storage: Storage, splits: InstructionS
     with tempfile.TemporaryDirectory(prefix=f"raygpt-ift-{name}-") as local_dir:
         save_model_dir(model, model.config, local_dir)
         storage.upload(local_dir, layout.model_dir)
-    summary = {"model": name, "base_model": ref, "params": model.num_params(), "device": device,
+    summary = {"model": name, "base_model": ref, "seed": seed, "params": model.num_params(), "device": device,
                "base_step": base["step"], "steps": history["steps"], "best_step": history["best_step"],
                "initial_val_loss": history["val"][0]["loss"], "best_val_loss": history["best_val_loss"],
                "stopped_early": history["stopped_early"], "answers": len(items),
@@ -366,7 +376,8 @@ def finetune_one(ref: str, spec: RunSpec, storage: Storage, splits: InstructionS
                                         "history": history, "summary": summary})
     # Last: an answers file means this model is complete.
     storage.write_json(layout.answers, {
-        "model": name, "base_model": ref, "base": base, "fingerprint": fingerprint,
+        "model": name, "base_model": ref, **({} if seed is None else {"seed": seed}), "base": base,
+        "fingerprint": fingerprint,
         "generation": generation_settings(cfg),
         "dataset": {**dataset, "split": "test", "n": len(items)},
         "fine_tuning": {**{k: getattr(cfg, k) for k in ("epochs", "lr", "weight_decay", "batch_size", "mask_prompt",
@@ -382,7 +393,8 @@ def finetune_one(ref: str, spec: RunSpec, storage: Storage, splits: InstructionS
 def _result_settings(cfg: IftConfig) -> dict[str, Any]:
     """The ift settings that change results (not where they go or how many CPUs run them)."""
     settings = spec_to_dict(cfg)
-    for key in ("models", "output", "cpus_per_model", "generation_batch_size", "data"):
+    # seeds: which replicates exist, not how one is made (its own seed is in ``seed``).
+    for key in ("models", "output", "cpus_per_model", "generation_batch_size", "data", "seeds"):
         settings.pop(key)
     return settings
 
@@ -407,10 +419,14 @@ def run_ift(spec: RunSpec, address: str | None = None, num_cpus: int | None = No
     if not cfg.models:
         raise RaygptError("ift.models: no base models to fine-tune; list them in the spec or pass --model REF")
     get_prompt_style(cfg.prompt_style)
-    names = [model_id(ref) for ref in cfg.models]
-    clashes = sorted({n for n in names if names.count(n) > 1})
+    bases = [model_id(ref) for ref in cfg.models]
+    clashes = sorted({n for n in bases if bases.count(n) > 1})
     if clashes:
         raise RaygptError(f"ift.models: several models would be saved as {', '.join(clashes)}; list each once")
+    # One task per model, or per model and seed: (ref, replicate seed or None, name).
+    runs = [(ref, seed, replicate_id(base, seed)) for ref, base in zip(cfg.models, bases)
+            for seed in (cfg.seeds or [None])]
+    names = [name for _, _, name in runs]
 
     storage = Storage.from_config(spec.storage)
     output = _absolute(ift_dir(spec))
@@ -420,8 +436,10 @@ def run_ift(spec: RunSpec, address: str | None = None, num_cpus: int | None = No
     splits = split_instruction_data(entries)
     dataset = {"source": source, "sha256": sha256, "examples": len(entries),
                "train": len(splits.train), "val": len(splits.val), "test": len(splits.test)}
+    replicates = f" x {len(cfg.seeds)} seeds" if cfg.seeds else ""
     print(f"raygpt ift: {len(entries)} examples ({sha256[:12]}), split {len(splits.train)} train / "
-          f"{len(splits.val)} val / {len(splits.test)} test; {len(cfg.models)} model(s) -> {output}", flush=True)
+          f"{len(splits.val)} val / {len(splits.test)} test; {len(cfg.models)} model(s){replicates} -> {output}",
+          flush=True)
 
     connect(address, num_cpus)
     gpus = 1 if cluster_has_gpus() else 0
@@ -435,8 +453,8 @@ def run_ift(spec: RunSpec, address: str | None = None, num_cpus: int | None = No
     pending = {
         task.options(num_cpus=cfg.cpus_per_model, num_gpus=gpus, name=f"ift-{name}",
                      runtime_env=task_runtime_env()).remote(
-            ref, spec, storage, splits_ref, dataset, output, force): (name, ref)
-        for name, ref in zip(names, cfg.models)
+            ref, spec, storage, splits_ref, dataset, output, force, seed): (name, ref)
+        for ref, seed, name in runs
     }
     summaries, failures = [], []
     try:

@@ -10,11 +10,19 @@ One ``Report`` (its rows sorted by test loss) is rendered by several backends: a
 table, Markdown, JSON, CSV, and two PNGs (test loss against IFT score with error bars; the
 runs' training curves). A missing piece leaves its columns empty and is named under the table.
 
-Below the table: Spearman's rank correlation between test loss and IFT score across models.
-Its 95% interval comes from resampling the judged items (the same resample for every model,
-test losses fixed): it says how much the agreement depends on which instructions happened to
-be in the test set. With few models a rank correlation takes few values (with two, only -1 or
-+1), so the number of models is shown beside it.
+Below the table: Spearman's rank correlation between test loss and IFT score across models,
+in one sentence that says whether they agree (lower loss, higher score: a negative rho). Its
+95% interval resamples the judged items (the same resample for every model, test losses
+fixed) and, for models fine-tuned several times (``ift.seeds``), each model's fine-tuning
+seeds (``stats.spearman_interval``): it says how much the agreement depends on which
+instructions happened to be in the test set and how each fine-tuning run happened to come
+out. With few models a rank correlation takes few values (with two, only -1 or +1), so the
+number of models is shown beside it.
+
+From the judge's summary the report also shows: the letters of the models that cannot be told
+apart, the length-controlled score and the mean answer length, a sentence per pair of models
+(whether the difference survives fine-tuning noise, where there are replicates), the judge's
+per-item agreement, its position bias with its noise floor, and the anchors' warnings.
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ from raygpt.stages import (
     eval_dir,
     judge_dir,
 )
-from raygpt.stats import bootstrap_indices, percentile_interval, resampled_means, rounded, spearman
+from raygpt.stats import describe_agreement, rounded, spearman_interval
 from raygpt.storage import Storage, join, write_local_atomically
 
 
@@ -68,8 +76,24 @@ class ModelRow:
     failures: int | None = None
     """Judgements that failed after retries (counted, not averaged in)."""
     items_scored: int | None = None
+    letters: str | None = None
+    """The judge's letters: models that share one cannot be told apart."""
+    lc_score: float | None = None
+    """The IFT score with the answers' length taken out (AlpacaEval 2's length control)."""
+    mean_length: float | None = None
+    """Mean answer length in characters."""
+    seeds: int | None = None
+    """Fine-tuning runs pooled in the score (``ift.seeds``); its interval then includes their variance."""
     item_scores: list[float | None] = field(default_factory=list, repr=False)
-    """Per-item scores (mean over passes), for the bootstrap; not a column."""
+    """Per-item scores (mean over passes and seeds), for the bootstrap; not a column."""
+    item_scores_by_seed: list[list[float | None]] = field(default_factory=list, repr=False)
+    """Per-item scores of each fine-tuning run (seeds, items), for the bootstrap; not a column."""
+    replicate_scores: list[float | None] = field(default_factory=list, repr=False)
+    """Each fine-tuning run's mean score, for the plot; not a column."""
+
+
+HIDDEN_FIELDS = ("item_scores", "item_scores_by_seed", "replicate_scores")
+"""ModelRow fields that feed statistics and plots, not the JSON rows or the CSV."""
 
 
 @dataclass
@@ -115,9 +139,11 @@ def build_report(spec: RunSpec, storage: Storage) -> Report:
             row.ci_low, row.ci_high = (judged.get("ci95") or [None, None])[:2]
             row.spread, row.failures, row.passes = judged.get("spread"), judged.get("failures"), passes
             row.items_scored, row.item_scores = judged.get("items_scored"), judged.get("item_scores") or []
+            _judge_fields(row, judged)
         report.anchors = summary.get("anchors") or {}
         report.judge = {key: summary.get(key) for key in ("judge", "items", "rank_agreement", "position_bias",
-                                                          "calls", "usage")}
+                                                          "calls", "usage", "comparisons", "item_agreement",
+                                                          "length", "warnings", "notes")}
     else:
         report.missing.append(f"IFT scores: no {summary_uri} (run `raygpt ift`, then `raygpt judge`)")
 
@@ -130,6 +156,15 @@ def build_report(spec: RunSpec, storage: Storage) -> Report:
     report.rows = sorted(rows.values(), key=_sort_key)
     report.correlation = loss_score_correlation(report.rows, spec.report.bootstrap_samples, spec.report.seed)
     return report
+
+
+def _judge_fields(row: ModelRow, judged: dict) -> None:
+    """What summaries since raygpt-judge-summary/2 add: letters, length control, replicates."""
+    row.letters, row.lc_score = judged.get("letters"), judged.get("length_controlled")
+    row.mean_length = judged.get("mean_length")
+    row.seeds = len(judged["seeds"]) if judged.get("seeds") else None
+    row.item_scores_by_seed = judged.get("item_scores_by_seed") or ([row.item_scores] if row.item_scores else [])
+    row.replicate_scores = [r.get("mean") for r in judged.get("replicates") or []]
 
 
 def _list_of(data: Any, key: str, uri: str) -> list[dict]:
@@ -177,24 +212,26 @@ def _sort_key(row: ModelRow) -> tuple:
 
 
 def loss_score_correlation(rows: list[ModelRow], samples: int, seed: int) -> dict | None:
-    """Spearman(test loss, IFT score) across the models that have both, with a bootstrap
-    interval over the judged items (see the module docstring)."""
+    """Spearman(test loss, IFT score) across the models that have both, with an interval that
+    resamples the judged items and each model's fine-tuning seeds, and the sentence that says
+    what it means (see the module docstring)."""
     both = [r for r in rows if r.test_loss is not None and r.ift_score is not None]
     if len(both) < 2:
         return None
-    losses = np.array([r.test_loss for r in both])
-    rho = spearman(losses, np.array([r.ift_score for r in both]))
-    low = high = None
-    lengths = {len(r.item_scores) for r in both}
-    if len(lengths) == 1 and lengths != {0}:
-        item_scores = np.array([[math.nan if v is None else v for v in r.item_scores] for r in both], dtype=float)
-        index = bootstrap_indices(item_scores.shape[1], samples, seed)
-        means = np.array([resampled_means(row, index) for row in item_scores])  # (models, samples)
-        # A resample in which some model has no scored item has no rank correlation: left out.
-        replicates = [spearman(losses, column) for column in means.T if not np.isnan(column).any()]
-        low, high = percentile_interval(np.array(replicates))
-    return {"spearman": rounded(rho), "ci95": [rounded(low), rounded(high)], "models": len(both),
-            "resampled": "items", "bootstrap_samples": samples, "seed": seed}
+    losses = [r.test_loss for r in both]
+    per_item = [np.array([[math.nan if v is None else v for v in scores] for scores in r.item_scores_by_seed],
+                         dtype=float) for r in both]
+    if len({a.shape[-1] for a in per_item}) != 1 or per_item[0].size == 0:
+        # No per-item scores to resample (an older summary): the point estimate alone.
+        per_item = [np.array([[r.ift_score]]) for r in both]
+        samples_used = 0
+    else:
+        samples_used = samples
+    result = spearman_interval(losses, per_item, max(samples_used, 1), seed)
+    ci = result["ci"] if samples_used else [None, None]
+    return {"spearman": rounded(result["spearman"]), "ci95": [rounded(v) for v in ci], "models": len(both),
+            "seeds": result["seeds"], "resampled": result["resampled"] if samples_used else "nothing",
+            "bootstrap_samples": samples_used, "seed": seed, "sentence": describe_agreement(result["spearman"], ci)}
 
 
 def _read_runs(spec: RunSpec, storage: Storage, report: Report) -> None:
@@ -228,10 +265,11 @@ def _read_runs(spec: RunSpec, storage: Storage, report: Report) -> None:
         report.missing.append(f"training curves: no run with metrics.jsonl under {spec.storage_path}")
 
 
-COLUMNS = ("model", "test loss", "IFT score", "95% CI", "passes", "failures", "params", "trained tokens", "trained on")
+COLUMNS = ("model", "test loss", "IFT score", "95% CI", "group", "length-controlled", "answer length", "seeds",
+           "passes", "failures", "params", "trained tokens", "trained on")
 
 
-OPTIONAL_COLUMNS = {"params", "trained tokens", "trained on"}
+OPTIONAL_COLUMNS = {"params", "trained tokens", "trained on", "group", "length-controlled", "answer length", "seeds"}
 """Shown only when some row has a value: the table stays narrow when they are unknown."""
 
 
@@ -245,7 +283,8 @@ def _table(report: Report) -> tuple[list[str], list[list[str]]]:
 
 def _cells(row: ModelRow) -> list[str]:
     ci = f"{row.ci_low:.2f} - {row.ci_high:.2f}" if row.ci_low is not None and row.ci_high is not None else "-"
-    return [row.model, _fmt(row.test_loss, 3), _fmt(row.ift_score, 2), ci, _fmt(row.passes), _fmt(row.failures),
+    return [row.model, _fmt(row.test_loss, 3), _fmt(row.ift_score, 2), ci, row.letters or "-", _fmt(row.lc_score, 2),
+            _fmt(row.mean_length, 0), _fmt(row.seeds), _fmt(row.passes), _fmt(row.failures),
             _count(row.params), _count(row.trained_tokens), row.trained_on or "-"]
 
 
@@ -274,22 +313,50 @@ def _notes(report: Report) -> list[str]:
             notes.append(f"anchor {label}: {_fmt(anchor.get('mean'), 2)} (95% CI {_fmt(low, 2)} - {_fmt(high, 2)})")
     c = report.correlation
     if c:
-        small = " (two models: always -1 or +1)" if c["models"] == 2 else ""
-        notes.append(f"Spearman(test loss, IFT score) = {_fmt(c['spearman'], 2)} across {c['models']} models{small}, "
-                     f"95% CI {_fmt(c['ci95'][0], 2)} - {_fmt(c['ci95'][1], 2)} (items resampled); "
-                     f"negative: lower loss, higher score")
+        small = "; two models: always -1 or +1" if c["models"] == 2 else ""
+        notes.append(f"{c['sentence']} ({c['models']} models, {c['resampled']} resampled{small})")
     if report.judge:
-        j = report.judge.get("judge") or {}
-        notes.append(f"judge: {j.get('model')} ({j.get('mode')}, template {j.get('template')}, "
-                     f"{j.get('passes')} passes, {report.judge.get('items')} items)")
-        agreement = report.judge.get("rank_agreement")
-        if agreement:
-            notes.append(f"agreement between passes: Spearman {_fmt(agreement.get('spearman'), 2)}, "
-                         f"Kendall {_fmt(agreement.get('kendall'), 2)}")
-        bias = report.judge.get("position_bias")
-        if bias and bias.get("range") is not None:
-            notes.append(f"position bias: {bias['range']:.1f} points between the most and least favoured position")
+        notes += _judge_notes(report.judge)
     notes += [f"missing: {m}" for m in report.missing]
+    return notes
+
+
+def _judge_notes(judge: dict) -> list[str]:
+    """The judge's verdicts in sentences: groups, pairs, agreement, position bias, warnings."""
+    notes = []
+    j = judge.get("judge") or {}
+    notes.append(f"judge: {j.get('model')} ({j.get('mode')}, template {j.get('template')}, "
+                 f"{j.get('passes')} passes, {judge.get('items')} items)")
+    comparisons = judge.get("comparisons")
+    if comparisons:
+        notes.append(f"group: models sharing a letter cannot be told apart ({comparisons.get('letters_from')})")
+        robust = {(r["a"], r["b"]): r for r in comparisons.get("seed_robust") or []}
+        for pair in comparisons.get("pairs") or []:
+            # With replicates, the sentence that includes the fine-tuning noise says more.
+            chosen = robust.get((pair["a"], pair["b"]))
+            notes.append(chosen["sentence"] if chosen and chosen.get("survives") is not None else pair["sentence"])
+    length = judge.get("length") or {}
+    if length.get("score_points_per_unit") is not None:
+        notes.append(f"length-controlled: each model's score at the reference's answer length; the judge gives "
+                     f"{length['score_points_per_unit'] * 100:+.2f} points per 100 characters "
+                     f"(reference: {length.get('reference')})")
+    agreement, ranks = judge.get("item_agreement"), judge.get("rank_agreement")
+    if agreement and agreement.get("within_item") is not None:
+        notes.append(f"agreement between passes on the same answers: Spearman {_fmt(agreement['within_item'], 2)} "
+                     f"within items, ICC {_fmt(agreement.get('icc'), 2)}"
+                     + (f" (the per-pass model means agree at {_fmt(ranks.get('spearman'), 2)}, which averages the "
+                        f"judge's noise away)" if ranks else ""))
+    elif ranks:
+        notes.append(f"agreement between passes: Spearman {_fmt(ranks.get('spearman'), 2)}, "
+                     f"Kendall {_fmt(ranks.get('kendall'), 2)}")
+    bias = judge.get("position_bias")
+    if bias and bias.get("range") is not None:
+        floor = bias.get("noise_floor")
+        low, high = bias.get("range_ci") or [None, None]
+        detail = (f" (95% CI {_fmt(low, 1)} - {_fmt(high, 1)}; {_fmt(floor, 1)} with no bias at all, "
+                  f"p {_fmt(bias.get('p_value'), 3)}; from the models' answers only)" if floor is not None else "")
+        notes.append(f"position bias: {bias['range']:.1f} points between the most and least favoured position{detail}")
+    notes += [f"warning: {w}" for w in judge.get("warnings") or []]
     return notes
 
 
@@ -304,7 +371,7 @@ def render_terminal(report: Report, console: Console) -> None:
         table.add_row(*row)
     console.print(table)
     for note in _notes(report):
-        console.print(note, style="yellow" if note.startswith("missing") else None)
+        console.print(note, style="yellow" if note.startswith(("missing", "warning")) else None)
 
 
 def to_markdown(report: Report) -> str:
@@ -323,7 +390,7 @@ def to_markdown(report: Report) -> str:
 def to_json(report: Report) -> dict:
     return {
         "format": "raygpt-report/1",
-        "rows": [{k: v for k, v in asdict(row).items() if k != "item_scores"} for row in report.rows],
+        "rows": [{k: v for k, v in asdict(row).items() if k not in HIDDEN_FIELDS} for row in report.rows],
         "anchors": {name: {k: v for k, v in a.items() if k != "item_scores"} for name, a in report.anchors.items()},
         "correlation": report.correlation,
         "judge": report.judge,
@@ -337,17 +404,18 @@ def to_json(report: Report) -> dict:
 
 def to_csv(report: Report) -> str:
     out = io.StringIO()
-    names = [k for k in ModelRow.__dataclass_fields__ if k != "item_scores"]
+    names = [k for k in ModelRow.__dataclass_fields__ if k not in HIDDEN_FIELDS]
     writer = csv.DictWriter(out, fieldnames=names, lineterminator="\n")
     writer.writeheader()
     for row in report.rows:
-        writer.writerow({k: "" if v is None else v for k, v in asdict(row).items() if k != "item_scores"})
+        writer.writerow({k: "" if v is None else v for k, v in asdict(row).items() if k not in HIDDEN_FIELDS})
     return out.getvalue()
 
 
 def plot_loss_vs_score(report: Report, path: Path) -> bool:
-    """Test loss (x) against IFT score (y) with the score's 95% interval as error bars, and
-    the anchors as horizontal lines. False when no model has both."""
+    """Test loss (x) against IFT score (y) with the score's 95% interval as error bars (over
+    items and, for models fine-tuned several times, their seeds, whose own means are the small
+    dots), and the anchors as horizontal lines. False when no model has both."""
     rows = [r for r in report.rows if r.test_loss is not None and r.ift_score is not None]
     if not rows:
         return False
@@ -361,18 +429,25 @@ def plot_loss_vs_score(report: Report, path: Path) -> bool:
     y = [r.ift_score for r in rows]
     yerr = [[r.ift_score - r.ci_low if r.ci_low is not None else 0 for r in rows],
             [r.ci_high - r.ift_score if r.ci_high is not None else 0 for r in rows]]
-    ax.errorbar(x, y, yerr=yerr, fmt="o", capsize=4)
+    replicated = any(r.seeds and r.seeds > 1 for r in rows)
+    ax.errorbar(x, y, yerr=yerr, fmt="o", capsize=4,
+                label="IFT score, 95% CI over items and seeds" if replicated else "IFT score, 95% CI over items")
+    runs = [(r.test_loss, score) for r in rows for score in r.replicate_scores if score is not None]
+    if runs:
+        ax.plot(*zip(*runs), ".", color="grey", alpha=0.7, label="one fine-tuning run")
     for row in rows:
         ax.annotate(row.model, (row.test_loss, row.ift_score), textcoords="offset points", xytext=(6, 4), fontsize=8)
     for name, style in ((REFERENCE_ANCHOR, "--"), (EMPTY_ANCHOR, ":")):
         anchor = report.anchors.get(name)
         if anchor and anchor.get("mean") is not None:
             ax.axhline(anchor["mean"], linestyle=style, color="grey", linewidth=1, label=f"{name} anchor")
-    if report.anchors:
-        ax.legend(loc="best", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     title = "IFT score vs. test loss"
-    if report.correlation and report.correlation["spearman"] is not None:
-        title += f" (Spearman {report.correlation['spearman']:.2f})"
+    c = report.correlation
+    if c and c["spearman"] is not None:
+        low, high = c["ci95"]
+        interval = f", 95% CI {low:.2f} to {high:.2f}" if low is not None and high is not None else ""
+        title += f" (Spearman {c['spearman']:.2f}{interval})"
     ax.set(xlabel="test loss (nats/token)", ylabel="IFT score (0-100, 95% CI)", title=title, ylim=(-2, 102))
     ax.margins(x=0.2)  # room for the model names beside the points
     ax.grid(alpha=0.3)

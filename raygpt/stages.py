@@ -8,6 +8,8 @@ through these names, so it needs neither the judge nor torch to find its inputs.
 
 from __future__ import annotations
 
+import re
+
 from raygpt.config import RunSpec
 from raygpt.storage import join
 
@@ -25,6 +27,23 @@ REFERENCE_ANCHOR = "@reference"
 """The judge's hidden candidate that answers with the dataset's reference output."""
 EMPTY_ANCHOR = "@empty"
 """The judge's hidden candidate that gives an empty answer."""
+
+REPLICATE_MARK = "@seed"
+"""Joins a base model's id and a fine-tuning seed into a replicate's id (``gpt2-small@seed2``):
+``raygpt ift`` with ``ift.seeds`` names its answers so, the judge pools them back by it."""
+
+
+def replicate_id(model: str, seed: int | None) -> str:
+    """The id of ``model`` fine-tuned with ``seed``; the model's own id when it was fine-tuned once."""
+    return model if seed is None else f"{model}{REPLICATE_MARK}{seed}"
+
+
+def replicate_of(model_id: str) -> tuple[str, int | None]:
+    """(base model id, seed) of a replicate's id; ``(model_id, None)`` for a model fine-tuned once."""
+    head, mark, tail = model_id.rpartition(REPLICATE_MARK)
+    if mark and head and re.fullmatch(r"-?\d+", tail):
+        return head, int(tail)
+    return model_id, None
 
 
 def run_dir(spec: RunSpec, name: str | None = None) -> str:

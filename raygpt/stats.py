@@ -354,6 +354,14 @@ def t_quantile(q: float, df: float) -> float:
     return magnitude if q > 0.5 else -magnitude
 
 
+def t_cdf(x: float, df: float) -> float:
+    """P(T <= x) for Student's t with ``df`` degrees of freedom; ``df = inf`` is the normal."""
+    if math.isinf(df):
+        return 0.5 * (1 + math.erf(x / math.sqrt(2)))
+    tail = 0.5 * _betainc(df / 2, 0.5, df / (df + x * x))
+    return 1 - tail if x > 0 else tail
+
+
 def _t_interval(center: float, terms: list[tuple[float, float]], level: float) -> dict:
     """``center +- t * se`` where the variance ``se^2`` is a sum of scaled mean squares, given as
     (c * MS, df) pairs, and t has Satterthwaite's (1946) degrees of freedom for such a sum,
@@ -561,7 +569,9 @@ def paired_seed_robust(scores_a: np.ndarray, scores_b: np.ndarray, level: float 
     (runs of different base models share no seed effect). The interval is t with Satterthwaite's
     degrees of freedom, as in ``mean_ci``. ``survives`` is True when the interval leaves out 0,
     False when it holds 0, and None when a model has one seed (its seed variance is unknown
-    and left out of the interval). ``sentence`` says it in one line for the report.
+    and left out of the interval). ``p_value`` is the two-sided t test of "no difference" on the
+    same variance and degrees of freedom (before any adjustment for several pairs). ``sentence``
+    says it in one line for the report.
     """
     scores_a, scores_b = np.asarray(scores_a, dtype=float), np.asarray(scores_b, dtype=float)
     if scores_a.ndim != 3 or scores_b.ndim != 3 or scores_a.shape[2] != scores_b.shape[2]:
@@ -571,7 +581,7 @@ def paired_seed_robust(scores_a: np.ndarray, scores_b: np.ndarray, level: float 
     a, b = _CellAnova.of(scores_a, keep), _CellAnova.of(scores_b, keep)
     items = int(keep.sum())
     result = {"a": names[0], "b": names[1], "difference": None, "ci": [None, None], "se": None, "df": None,
-              "items": items, "seeds": [a.seeds, b.seeds], "survives": None, "sentence": ""}
+              "p_value": None, "items": items, "seeds": [a.seeds, b.seeds], "survives": None, "sentence": ""}
     single = [name for name, anova in zip(names, (a, b)) if anova.seeds < 2]
     if items < 2:
         result["sentence"] = f"{names[0]} vs {names[1]}: cannot tell, {items} item(s) scored for both"
@@ -581,6 +591,11 @@ def paired_seed_robust(scores_a: np.ndarray, scores_b: np.ndarray, level: float 
     interval = _t_interval(difference, [(per_item.var(ddof=1) / items, items - 1), *a.seed_terms(),
                                         *b.seed_terms()], level)
     result.update(difference=_finite(difference), **interval)
+    if interval["se"]:
+        df = interval["df"] if interval["df"] is not None else math.inf
+        result["p_value"] = _finite(min(1.0, 2 * (1 - t_cdf(abs(difference) / interval["se"], df))))
+    else:
+        result["p_value"] = 0.0 if difference else 1.0
     low, high = interval["ci"]
     seeds = f"{a.seeds} and {b.seeds} fine-tuning seeds" if a.seeds != b.seeds else f"{a.seeds} fine-tuning seeds each"
     head = (f"{names[0]} - {names[1]}: {difference:+.1f} points ({round(level * 100)}% CI {low:+.1f} to "

@@ -1,6 +1,7 @@
 """A small OpenAI-compatible HTTP server on loopback, scripted per test.
 
-It serves ``GET /v1/models`` and ``POST /v1/chat/completions`` to the real ``openai`` client,
+It serves ``GET /v1/models`` (``created`` is the time of the request, as vLLM sends it) and
+``POST /v1/chat/completions`` to the real ``openai`` client,
 and the Batch API: ``/v1/files`` (multipart upload, metadata, ``/content``, delete) and
 ``/v1/batches`` (create, retrieve, list, cancel). A batch moves ``validating`` -> each status
 in ``server.batch_progress`` (one per retrieve) -> ``completed``, when its input lines are
@@ -13,7 +14,8 @@ function (``server.policy``), whose default judges deterministically from the re
 - an answer equal to the reference scores ``REFERENCE_SCORE``, an empty answer ``EMPTY_SCORE``;
 - an answer containing a marker ``<q=NN>`` scores NN;
 - anything else scores ``DEFAULT_SCORE``;
-- ``position_bonus`` is added to the first presented answer (to test the bias estimate).
+- ``position_bonus`` is added to the first presented answer (to test the bias estimate);
+- ``length_bonus`` points per character are added to every answer (to test length control).
 
 So tests know the true scores and ranking. Every HTTP request is recorded (path, body, time,
 headers) with counts and the peak number in flight, so tests can assert retries, concurrency
@@ -39,8 +41,10 @@ DEFAULT_SCORE = 50
 # The comparative template shows each answer between these lines (see raygpt.judge.prompts).
 _ANSWER_BLOCK = re.compile(r"<answer (?P<label>[A-Z])>\n(?P<text>.*?)\n</answer (?P=label)>", re.S)
 _REFERENCE_BLOCK = re.compile(r"<reference>\n(?P<text>.*?)\n</reference>", re.S)
-# The book's single-answer prompt.
+# The book's single-answer prompt, and its variant with the reference after the answer.
 _SINGLE = re.compile(r"and correct output `(?P<reference>.*?)`, score the model response `(?P<response>.*?)` on a scale", re.S)
+_SINGLE_REFERENCE_LAST = re.compile(
+    r"score the model response `(?P<response>.*?)` against the correct output `(?P<reference>.*?)` on a scale", re.S)
 _MARKER = re.compile(r"<q=(\d+)>")
 _FILE = re.compile(r"/v1/files/(?P<id>[^/]+)(?P<content>/content)?")
 _BATCH = re.compile(r"/v1/batches/(?P<id>[^/]+)(?P<cancel>/cancel)?")
@@ -114,8 +118,12 @@ class FakeOpenAI:
     """``with FakeOpenAI(models=["judge-1"]) as server: OpenAI(base_url=server.base_url, ...)``."""
 
     def __init__(self, models: tuple[str, ...] | list[str] = ("judge-1",), position_bonus: int = 0,
-                 reject_json_schema: bool = False):
+                 reject_json_schema: bool = False, model_info: dict[str, dict] | None = None,
+                 length_bonus: float = 0.0):
         self.models = list(models)
+        self.length_bonus = length_bonus
+        self.model_info = model_info or {}
+        """Extra fields of a model's /v1/models entry (``owned_by``, vLLM's ``root``), by model."""
         self.position_bonus = position_bonus
         self.reject_json_schema = reject_json_schema
         self.policy: Callable[[dict, int], Reply] = self.judge
@@ -154,16 +162,19 @@ class FakeOpenAI:
     def judge(self, body: dict, index: int) -> Reply:
         """The default policy: score every answer in the prompt from its content."""
         text = "\n".join(m["content"] for m in body["messages"] if isinstance(m.get("content"), str))
-        single = _SINGLE.search(text)
+        single = _SINGLE.search(text) or _SINGLE_REFERENCE_LAST.search(text)
         if single:
-            return Reply(content=str(score_answer(single.group("response"), single.group("reference"))))
+            response = single.group("response")
+            score = score_answer(response, single.group("reference")) + round(self.length_bonus * len(response))
+            return Reply(content=str(max(0, min(100, score))))
         reference = _REFERENCE_BLOCK.search(text)
         if reference is None:
             return Reply(content="I cannot tell what to judge here.")
         reference = reference.group("text")
         scores = []
         for position, block in enumerate(_ANSWER_BLOCK.finditer(text)):
-            score = score_answer(block.group("text"), reference) + (self.position_bonus if position == 0 else 0)
+            score = (score_answer(block.group("text"), reference) + (self.position_bonus if position == 0 else 0)
+                     + round(self.length_bonus * len(block.group("text"))))
             scores.append({"label": block.group("label"), "reason": "fake judge", "score": max(0, min(100, score))})
         return Reply(content=json.dumps({"scores": scores}))
 
@@ -311,7 +322,8 @@ class FakeOpenAI:
                 path = urlsplit(self.path).path.rstrip("/")
                 file, batch = _FILE.fullmatch(path), _BATCH.fullmatch(path)
                 if path.endswith("/models"):
-                    data = [{"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in fake.models]
+                    data = [{"id": m, "object": "model", "created": int(time.time()), "owned_by": "fake",
+                             **fake.model_info.get(m, {})} for m in fake.models]
                     self._send(200, {"object": "list", "data": data})
                 elif file and file.group("id") in fake.files:
                     if file.group("content"):

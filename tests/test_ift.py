@@ -260,6 +260,40 @@ def test_one_model_writes_answers_metrics_and_model_to_a_local_folder(tmp_path):
     assert set(answers["items"][0]) >= {"id", "instruction", "input", "output", "response"}
 
 
+def test_seeds_fine_tune_replicates_that_differ_and_resume_each(tmp_path, capsys):
+    from raygpt.config import RunSpec
+    from raygpt.ift import _fingerprint, finetune_one
+    from raygpt.weights.checkpoint import save_model_dir
+
+    save_model_dir(tiny_gpt(), TINY, tmp_path / "base")
+    splits = split_instruction_data(make_instructions(30))
+    spec = RunSpec()
+    spec.ift = IftConfig(epochs=1, lr=0.01, batch_size=4, eval_interval=2, max_new_tokens=4, generation_batch_size=2,
+                         seeds=[1, 2])
+    dataset = {"source": "generated", "sha256": "0" * 64}
+    output = tmp_path / "ift"
+    for seed in spec.ift.seeds:
+        summary = finetune_one(str(tmp_path / "base"), spec, Storage(), splits, dataset, str(output), seed=seed)
+        assert summary["model"] == f"base@seed{seed}" and summary["seed"] == seed and not summary["skipped"]
+    assert sorted(p.relative_to(output).as_posix() for p in output.rglob("*.json")) == [
+        "answers/base@seed1.json", "answers/base@seed2.json", "base@seed1/metrics.json",
+        "base@seed1/model/model_config.json", "base@seed2/metrics.json", "base@seed2/model/model_config.json"]
+    answers = {seed: json.loads((output / "answers" / f"base@seed{seed}.json").read_text()) for seed in (1, 2)}
+    metrics = {seed: json.loads((output / f"base@seed{seed}" / "metrics.json").read_text()) for seed in (1, 2)}
+    for seed in (1, 2):
+        assert (answers[seed]["seed"], answers[seed]["base_model"]) == (seed, str(tmp_path / "base"))
+        assert answers[seed]["fine_tuning"]["seed"] == seed == metrics[seed]["config"]["seed"]
+    # Another batch order: another training curve, another model.
+    assert metrics[1]["history"]["train"] != metrics[2]["history"]["train"]
+    assert answers[1]["fingerprint"] != answers[2]["fingerprint"]
+    # Each replicate resumes by its own fingerprint; the list of seeds is not part of it.
+    spec.ift.seeds = [1, 2, 3]
+    again = finetune_one(str(tmp_path / "base"), spec, Storage(), splits, dataset, str(output), seed=2)
+    assert again["skipped"] and again["model"] == "base@seed2"
+    assert _fingerprint("r", {}, dataset, IftConfig()) == _fingerprint("r", {}, dataset, IftConfig(seeds=[5, 6]))
+    assert "already done" in capsys.readouterr().out
+
+
 @pytest.mark.integration
 def test_ift_command_fine_tunes_two_models_in_parallel_on_ray(ray_local, s3_env, tmp_path, capsys):
     from raygpt.cli import main

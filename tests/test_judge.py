@@ -10,9 +10,11 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import shutil
 import socket
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +25,10 @@ from rich.console import Console
 from raygpt.cli import main
 from raygpt.config import load_spec
 from raygpt.errors import RaygptError
+from raygpt.judge.batch import BATCH_STATE_FILE, BatchPending
 from raygpt.judge.prompts import ComparativePrompt, ReplyError, SinglePrompt
-from raygpt.judge.run import presentation_orders, run_judge
+from raygpt.judge.run import plan_calls, presentation_orders, run_judge
+from raygpt.judge.summary import anchor_warnings
 from raygpt.prompts import AlpacaPrompt
 from raygpt.stages import EMPTY_ANCHOR, REFERENCE_ANCHOR
 from raygpt.stats import bootstrap_mean_ci, kendall_tau_b, rankdata, spearman
@@ -50,6 +54,43 @@ def write_answers(root: Path, quality: dict[str, int] = QUALITY, n_items: int = 
     return paths
 
 
+def write_scored_answers(root: Path, qualities: dict[str, list[int]], pads: dict[str, list[int]] | None = None
+                         ) -> list[Path]:
+    """Answers files whose item i the fake judge scores ``qualities[model][i]``; ``pads`` adds
+    that many characters to answer i. A model id ``name@seedK`` is replicate K of ``name``."""
+    n_items = len(next(iter(qualities.values())))
+    answers = root / "ift" / "answers"
+    answers.mkdir(parents=True, exist_ok=True)
+    items = [{"id": f"test-{i:04d}", "instruction": f"Summarise paragraph {i}.", "input": "",
+              "output": f"Paragraph {i} in one line."} for i in range(n_items)]
+    paths = []
+    for model, scores in qualities.items():
+        base, _, seed = model.partition("@seed")
+        extra = {"seed": int(seed)} if seed else {}
+        padding = (pads or {}).get(model, [0] * n_items)
+        responses = [f"{model} says <q={int(np.clip(q, 0, 100))}>" + " filler" * (pad // 7)
+                     for q, pad in zip(scores, padding)]
+        path = answers / f"{model}.json"
+        path.write_text(json.dumps({"model": model, "base_model": f"runs/{base}", **extra, "dataset": {"n": n_items},
+                                    "items": [{**item, "response": r} for item, r in zip(items, responses)]}))
+        paths.append(path)
+    return paths
+
+
+def noisy_judge(server: FakeOpenAI, sd: float):
+    """A policy (comparative mode): the fake's judgement of each answer plus Gaussian noise, fixed by the prompt,
+    the label and the request's seed (so each pass, with its own order and seed, draws anew)."""
+    def policy(body, index):
+        reply = server.judge(body, index)
+        data = json.loads(reply.content)
+        text = body["messages"][-1]["content"]
+        for entry in data["scores"]:
+            rng = np.random.default_rng([body["seed"], zlib.crc32((text + entry["label"]).encode())])
+            entry["score"] = int(np.clip(round(entry["score"] + rng.normal(0, sd)), 0, 100))
+        return Reply(content=json.dumps(data))
+    return policy
+
+
 def make_spec(tmp_path: Path, server: FakeOpenAI | None, *settings: str):
     base_url = server.base_url if server else "http://127.0.0.1:9/v1"
     return load_spec(None, [f"storage_path={tmp_path}", f"judge.base_url={base_url}", "judge.model=judge-1",
@@ -60,6 +101,11 @@ def make_spec(tmp_path: Path, server: FakeOpenAI | None, *settings: str):
 
 def quiet() -> Console:
     return Console(file=io.StringIO(), width=150)
+
+
+def cache_entries(root: Path) -> list[Path]:
+    """The judgements in the cache (not the record of who answers at which address)."""
+    return [p for p in (root / "cache").rglob("*.json") if p.parent.name != "judges"]
 
 
 def by_model(summary: dict) -> dict[str, dict]:
@@ -176,7 +222,17 @@ def test_comparative_scores_ranking_anchors_and_outputs(tmp_path, server):
         assert m["ci95"][0] <= m["mean"] <= m["ci95"][1]
         assert (m["failures"], m["judgements"], m["items_scored"], m["spread"]) == (0, 2 * N_ITEMS, N_ITEMS, 0)
     assert summary["rank_agreement"] == {"spearman": 1.0, "kendall": 1.0, "item_kendall": 1.0, "pass_pairs": 1}
+    assert summary["item_agreement"]["within_item"] == 1.0 and summary["item_agreement"]["icc"] == 1.0
     assert [r["effect"] for r in summary["position_bias"]["by_position"]] == [0.0] * 5
+    assert summary["position_bias"]["models"] == 3, "the anchors are left out of the position bias"
+    # Every item 25 points apart: three groups; the letters are the summary's ranking groups.
+    assert summary["letters"] == {"strong": "a", "medium": "b", "weak": "c"}
+    assert [m["letters"] for m in summary["models"]] == ["a", "b", "c"]
+    assert [(p["a"], p["b"], p["mean"], p["different"]) for p in summary["comparisons"]["pairs"]] == [
+        ("strong", "medium", 25.0, True), ("strong", "weak", 50.0, True), ("medium", "weak", 25.0, True)]
+    assert summary["comparisons"]["bootstrap_samples"] >= 160 * 3 and summary["comparisons"]["seed_robust"] is None
+    assert summary["warnings"] == [] and models["strong"]["ci95_includes_seeds"] is False
+    assert models["strong"]["mean_length"] == len("strong says <q=80>")
 
     # One call per item and pass, all five candidates in it, the schema sent, seed + pass.
     requests = server.chat_requests
@@ -209,7 +265,7 @@ def test_second_run_is_all_cache_hits_and_makes_no_request(tmp_path, server):
     second = run_judge(spec, Storage(), quiet())
     assert server.requests == []  # not even the preflight: nothing was left to judge
     assert second["calls"] == {"total": 12, "made": 0, "cache_hits": 12, "failed": 0, "http_attempts": 0,
-                               "failures": {}}
+                               "batches": [], "failures": {}}
     assert second["models"] == first["models"]
     assert second["usage"]["prompt_tokens"] == 0
     assert second["usage"]["cached_prompt_tokens"] == first["usage"]["prompt_tokens"] > 0
@@ -217,10 +273,6 @@ def test_second_run_is_all_cache_hits_and_makes_no_request(tmp_path, server):
     server.reset_counts()
     run_judge(make_spec(tmp_path, server, "judge.max_tokens=512"), Storage(), quiet())
     assert len(server.chat_requests) == 12
-    # So is another endpoint serving a model of the same name (Ollama's 4-bit vs vLLM's full precision).
-    with FakeOpenAI(models=["judge-1"]) as other:
-        run_judge(make_spec(tmp_path, other), Storage(), quiet())
-        assert len(other.chat_requests) == 12
 
 
 @pytest.mark.integration
@@ -240,7 +292,8 @@ def test_a_slow_reply_times_out_and_is_retried(tmp_path, server):
     write_answers(tmp_path, n_items=2)
     server.script(Reply.slow(2.0))
     summary = run_judge(make_spec(tmp_path, server, "judge.timeout_s=0.3", "judge.concurrency=1"), Storage(), quiet())
-    assert summary["calls"] == {"total": 4, "made": 4, "cache_hits": 0, "failed": 0, "http_attempts": 5, "failures": {}}
+    assert summary["calls"] == {"total": 4, "made": 4, "cache_hits": 0, "failed": 0, "http_attempts": 5,
+                                "batches": [], "failures": {}}
 
 
 @pytest.mark.integration
@@ -286,7 +339,7 @@ def test_interrupted_run_resumes_making_only_the_missing_calls(tmp_path, server)
         run_judge(spec, Storage(), quiet())
     assert KEY not in str(err.value)
     assert not (tmp_path / "judge" / "summary.json").exists(), "no summary of a half-done run"
-    assert len(list((tmp_path / "cache").rglob("*.json"))) == 5
+    assert len(cache_entries(tmp_path)) == 5
 
     server.policy = server.judge
     server.reset_counts()
@@ -385,6 +438,12 @@ def test_single_mode_sends_the_books_prompt_per_answer(tmp_path, server):
     expected_input = AlpacaPrompt().format_input({"instruction": "Rewrite sentence 1 in the passive voice.",
                                                   "input": "The cat chased mouse 1."})
     assert any(f"Given the input `{expected_input}`" in r.body["messages"][0]["content"] for r in requests)
+    # Pass 0 is the book's prompt; pass 1 names the answer first, so a pass is not the same prompt again.
+    book = [r for r in requests if "and correct output `" in r.body["messages"][0]["content"]]
+    reference_last = [r for r in requests if "` against the correct output `" in r.body["messages"][0]["content"]]
+    assert len(book) == len(reference_last) == 3 * 5
+    assert {r.body["seed"] for r in book} == {123} and {r.body["seed"] for r in reference_last} == {124}
+    assert any("alternate the book's prompt" in note for note in summary["notes"])
     assert {m: by_model(summary)[m]["mean"] for m in QUALITY} == QUALITY
     assert summary["anchors"][REFERENCE_ANCHOR]["mean"] == REFERENCE_SCORE
     assert summary["position_bias"] is None
@@ -529,3 +588,233 @@ def _spec_file(tmp_path: Path, server: FakeOpenAI) -> Path:
     path.write_text(f"storage_path: {tmp_path}\njudge:\n  base_url: {server.base_url}\n  model: judge-1\n"
                     f"  cache_dir: {tmp_path / 'cache'}\n  passes: 2\n  backoff_s: 0.001\n  bootstrap_samples: 200\n")
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Which differences are real, where the noise comes from, length
+
+
+@pytest.mark.integration
+def test_a_planted_10_point_difference_is_significant_and_0_is_not(tmp_path, server):
+    server.policy = noisy_judge(server, sd=6)
+    told_apart = {("a", "b"): 0, ("a", "c"): 0, ("b", "c"): 0}
+    runs = 4
+    for seed in range(runs):
+        rng = np.random.default_rng(seed)
+        item = rng.normal(0, 10, 40)  # item difficulty, shared by the models
+        quality = {m: np.round(q + item + rng.normal(0, 6, 40)) for m, q in (("a", 60), ("b", 50), ("c", 50))}
+        root = tmp_path / f"run{seed}"
+        write_scored_answers(root, quality)
+        summary = run_judge(make_spec(root, server, f"judge.seed={seed}"), Storage(), quiet())
+        for pair in summary["comparisons"]["pairs"]:
+            told_apart[(pair["a"], pair["b"]) if pair["a"] < pair["b"] else (pair["b"], pair["a"])] += pair["different"]
+        letters = summary["letters"]
+        assert not set(letters["a"]) & (set(letters["b"]) | set(letters["c"]))
+    # Seen: a-b and a-c told apart in 4 of 4 runs (+8.0 to +13.3 points, Holm p at the bootstrap's
+    # floor 0.0125), b-c in 0 of 4 (+0.4 to +2.4, Holm p 0.096 to 0.84).
+    assert told_apart[("a", "b")] == told_apart[("a", "c")] == runs
+    assert told_apart[("b", "c")] <= 1
+
+
+@pytest.mark.integration
+def test_replicates_pool_into_their_base_model_and_the_decomposition_recovers_a_planted_seed_effect(tmp_path, server):
+    server.policy = noisy_judge(server, sd=4)
+    rng = np.random.default_rng(0)
+    item = rng.normal(0, 10, 40)
+    offsets = [-6, -2, 2, 6]  # each fine-tuning run's luck: sd 5.16
+    qualities = {}
+    for base, mean in (("m", 65), ("n", 45)):
+        for seed, offset in zip((1, 2, 3, 4), offsets):
+            qualities[f"{base}@seed{seed}"] = np.round(mean + offset + item + rng.normal(0, 3, 40))
+    write_scored_answers(tmp_path, qualities)
+    summary = run_judge(make_spec(tmp_path, server), Storage(), quiet())
+
+    assert summary["ranking"] == ["m", "n"]
+    m = by_model(summary)["m"]
+    assert m["seeds"] == [1, 2, 3, 4] and [r["model"] for r in m["replicates"]] == [f"m@seed{k}" for k in (1, 2, 3, 4)]
+    assert len(m["item_scores_by_seed"]) == 4 and m["base_model"] == "runs/m"
+    seed = m["variance"]["components"]["seed"]
+    assert seed["ci_sd"][0] <= np.std(offsets, ddof=1) <= seed["ci_sd"][1]
+    assert seed["sd"] == pytest.approx(np.std(offsets, ddof=1), abs=2)
+    # The interval includes the seed variance: wider than the one over items alone.
+    assert m["ci95_includes_seeds"] and m["ci95"][1] - m["ci95"][0] > 1.5 * (m["ci95_items"][1] - m["ci95_items"][0])
+    (robust,) = summary["comparisons"]["seed_robust"]
+    assert robust["survives"] is True and "survives fine-tuning noise" in robust["sentence"]
+    assert summary["comparisons"]["letters_from"].startswith("t tests that include the fine-tuning seed variance")
+    assert summary["letters"] == {"m": "a", "n": "b"}
+    # Seen: seed sd 5.16 (95% CI 2.8-19.4); interval 57.0-72.3 with the seeds, 61.8-67.6 over items alone.
+
+
+@pytest.mark.integration
+def test_the_length_controlled_score_removes_a_planted_length_bonus(tmp_path):
+    rng = np.random.default_rng(1)
+    item = rng.normal(0, 8, 30)
+    qualities = {m: np.round(50 + item + rng.normal(0, 3, 30)) for m in ("long", "short")}
+    pads = {"long": list(rng.integers(250, 550, 30)), "short": list(rng.integers(20, 200, 30))}
+    write_scored_answers(tmp_path, qualities, pads)
+    with FakeOpenAI(models=["judge-1"], length_bonus=0.04) as rambling:
+        summary = run_judge(make_spec(tmp_path, rambling, "judge.passes=1"), Storage(), quiet())
+    long, short = by_model(summary)["long"], by_model(summary)["short"]
+    assert long["mean_length"] - short["mean_length"] > 250
+    assert long["mean"] - short["mean"] > 10  # the bonus shows in the raw score...
+    assert long["length_controlled"] == pytest.approx(short["length_controlled"], abs=2)  # ...not in the controlled one
+    assert summary["length"]["score_points_per_unit"] == pytest.approx(0.04, abs=0.01)
+    assert summary["length"]["reference"] == "@reference anchor"
+    # Seen: raw 65.5 and 53.8, length-controlled 50.6 and 50.1, 0.040 points per character.
+
+
+# ---------------------------------------------------------------------------------------------
+# The Batch API
+
+
+SAME_STATISTICS = ("models", "ranking", "letters", "comparisons", "anchors", "warnings", "item_agreement",
+                   "rank_agreement", "position_bias", "length", "items")
+
+
+@pytest.mark.integration
+def test_the_batch_path_gives_the_direct_paths_summary_resumes_by_its_id_and_replays_for_free(tmp_path, server):
+    write_answers(tmp_path)
+    direct = run_judge(make_spec(tmp_path, server, f"judge.output={tmp_path / 'direct'}",
+                                 f"judge.cache_dir={tmp_path / 'direct-cache'}"), Storage(), quiet())
+    server.reset_counts()
+
+    root = tmp_path
+    batch_spec = make_spec(root, server, "judge.batch=true", "judge.batch_poll_s=0.01")
+    # Interrupted while the batch runs: its id is saved, nothing is judged twice.
+    with pytest.raises(BatchPending, match=r"batch_fake1 is still in_progress.*run again to collect it"):
+        run_judge(make_spec(root, server, "judge.batch=true", "judge.batch_wait_s=0"), Storage(), quiet())
+    state = json.loads((root / "judge" / BATCH_STATE_FILE).read_text())
+    assert state["batch_id"] == "batch_fake1" and len(state["requests"]) == 12
+    assert not (root / "judge" / "summary.json").exists() and cache_entries(root) == []
+
+    resumed = run_judge(batch_spec, Storage(), quiet())
+    assert list(server.batches) == ["batch_fake1"], "the resumed run polls the same batch, it sends no other"
+    assert len([r for r in server.requests if r.path.endswith("/files")]) == 1
+    assert server.chat_requests == [] and len(server.batch_requests) == 12
+    assert not (root / "judge" / BATCH_STATE_FILE).exists()
+    assert {k: resumed[k] for k in SAME_STATISTICS} == {k: direct[k] for k in SAME_STATISTICS}
+    assert resumed["calls"]["made"] == 12 and resumed["calls"]["batches"] == ["batch_fake1"]
+    assert resumed["usage"]["prompt_tokens"] == direct["usage"]["prompt_tokens"] > 0
+    assert resumed["usage"]["batch_prompt_tokens"] == resumed["usage"]["prompt_tokens"]
+    records = [json.loads(line) for line in (root / "judge" / "judgements.jsonl").read_text().splitlines()]
+    assert {r["batch"] for r in records} == {"batch_fake1"}
+
+    # Replayed: every judgement from the cache, no request at all.
+    server.reset_counts()
+    replay = run_judge(batch_spec, Storage(), quiet())
+    assert server.requests == [] and replay["calls"]["cache_hits"] == 12
+    assert {k: replay[k] for k in SAME_STATISTICS} == {k: direct[k] for k in SAME_STATISTICS}
+
+
+@pytest.mark.integration
+def test_batch_lines_that_fail_or_do_not_parse_are_failures_asked_again_next_time(tmp_path, server):
+    write_answers(tmp_path, n_items=3)
+    spec = make_spec(tmp_path, server, "judge.batch=true", "judge.batch_poll_s=0.01", "judge.passes=1")
+    server.script(Reply.malformed(), Reply.error(500))
+    summary = run_judge(spec, Storage(), quiet())
+    assert summary["calls"]["failed"] == 2 and len(cache_entries(tmp_path)) == 1
+    assert set(summary["calls"]["failures"]) == {"unparseable reply", "request rejected"}
+    server.reset_counts()
+    again = run_judge(spec, Storage(), quiet())
+    assert again["calls"]["failed"] == 0 and again["calls"]["made"] == 2 and len(server.batch_requests) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache key: the judge, not its address
+
+
+@pytest.mark.integration
+def test_the_same_judge_at_another_address_pays_for_nothing_and_another_judge_pays_for_all(tmp_path, server):
+    write_answers(tmp_path)
+    run_judge(make_spec(tmp_path, server), Storage(), quiet())
+    assert len(server.chat_requests) == 12
+    # The same server software listing the same model on another port: all from the cache.
+    with FakeOpenAI(models=["judge-1", "something-else"]) as moved:
+        summary = run_judge(make_spec(tmp_path, moved), Storage(), quiet())
+        assert moved.chat_requests == [] and [r.path for r in moved.requests] == ["/v1/models"]
+        assert summary["calls"]["cache_hits"] == 12 and summary["judge"]["identity"].startswith("served:")
+        server.reset_counts()
+        moved.reset_counts()
+        # Another server that lists the same name differently (vLLM with other weights): judged anew.
+        awq = {"judge-1": {"owned_by": "vllm", "root": "/w/judge-1-awq"}}
+        with FakeOpenAI(models=["judge-1"], model_info=awq) as other:
+            run_judge(make_spec(tmp_path, other), Storage(), quiet())
+            assert len(other.chat_requests) == 12
+        # A judge named in the spec is that judge wherever it is: once judged, no request at all.
+        run_judge(make_spec(tmp_path, server, "judge.identity=judge-1-fp16"), Storage(), quiet())
+        assert len(server.chat_requests) == 12
+        run_judge(make_spec(tmp_path, moved, "judge.identity=judge-1-fp16"), Storage(), quiet())
+        assert moved.requests == []
+
+
+@pytest.mark.integration
+def test_caches_keyed_by_the_address_are_still_read(tmp_path, server):
+    write_answers(tmp_path)
+    spec = make_spec(tmp_path, server)
+    run_judge(spec, Storage(), quiet())
+    # Turn the cache into one of before the identity: every entry under its address key, and
+    # no record of who answers at this address.
+    from raygpt.judge.answers import load_answer_sets
+
+    identity = json.loads(next((tmp_path / "cache" / "judges").glob("*.json")).read_text())["identity"]
+    calls = plan_calls(spec, load_answer_sets(spec, Storage()), identity)
+    for call in calls:
+        entry = json.loads((tmp_path / "cache" / call.key[:2] / f"{call.key}.json").read_text())
+        old = tmp_path / "cache" / call.fallback_key[:2] / f"{call.fallback_key}.json"
+        old.parent.mkdir(parents=True, exist_ok=True)
+        old.write_text(json.dumps({**entry, "key": call.fallback_key}))
+        (tmp_path / "cache" / call.key[:2] / f"{call.key}.json").unlink()
+    judges = tmp_path / "cache" / "judges"
+    saved = tmp_path / "judges-saved"
+    shutil.move(judges, saved)
+    server.reset_counts()
+    assert run_judge(spec, Storage(), quiet())["calls"]["cache_hits"] == 12
+    assert server.requests == [], "read by the address, as before: no request"
+    # With the identity known, the old entries are found and copied under the identity key.
+    shutil.move(saved, judges)
+    assert run_judge(spec, Storage(), quiet())["calls"]["cache_hits"] == 12 and server.requests == []
+    assert all((tmp_path / "cache" / c.key[:2] / f"{c.key}.json").exists() for c in calls)
+
+
+# ---------------------------------------------------------------------------------------------
+# Anchors, answers of replicates, AlpacaEval
+
+
+def test_anchor_warnings_say_when_the_judge_misreads():
+    column = {"m": 0, REFERENCE_ANCHOR: 1, EMPTY_ANCHOR: 2}
+    scores = np.array([[[60.0, 90.0, 5.0], [55.0, 50.0, 70.0]]])  # (1 pass, 2 items, 3 candidates)
+    fine = {REFERENCE_ANCHOR: {"mean": 90.0}, EMPTY_ANCHOR: {"mean": 5.0}}
+    assert anchor_warnings(fine, [{"model": "m", "mean": 60.0}], scores[:, :1], column) == []
+    found = anchor_warnings({REFERENCE_ANCHOR: {"mean": 70.0}, EMPTY_ANCHOR: {"mean": 37.5}},
+                            [{"model": "m", "mean": 72.0}, {"model": "w", "mean": 30.0}], scores, column)
+    assert found[0].startswith("the empty answer scores 37.5 on average")
+    assert found[1] == "the empty answer (37.5) scores at least as high as w"
+    assert found[2].startswith("the reference answer (70.0) scores below m (72.0)")
+    assert found[3] == "on 1 of 2 items the empty answer scores at least as high as the reference answer"
+
+
+def test_replicates_and_a_single_run_of_one_model_are_one_clear_error(tmp_path):
+    write_scored_answers(tmp_path, {"m": [50, 60], "m@seed1": [50, 60], "n@seed1": [40, 40]})
+    with pytest.raises(RaygptError, match=r"m.json holds 'm' fine-tuned once and .*m@seed1.json a replicate of it"):
+        run_judge(make_spec(tmp_path, None), Storage(), quiet(), dry_run=True)
+    wrong = tmp_path / "ift" / "answers" / "n@seed1.json"
+    wrong.write_text(wrong.read_text().replace('"seed": 1', '"seed": 2'))
+    (tmp_path / "ift" / "answers" / "m.json").unlink()
+    with pytest.raises(RaygptError, match=r"model id 'n@seed1' names seed 1 but the file says seed 2"):
+        run_judge(make_spec(tmp_path, None), Storage(), quiet(), dry_run=True)
+
+
+def test_answers_export_in_alpaca_evals_format(tmp_path, server, capsys):
+    write_answers(tmp_path, n_items=3)
+    out = tmp_path / "alpaca"
+    assert main(["judge", str(_spec_file(tmp_path, server)), "--export-alpaca-eval", str(out)]) == 0
+    assert server.requests == [], "exporting needs no judge"
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.json")) == [
+        "medium/model_outputs.json", "reference_outputs.json", "strong/model_outputs.json", "weak/model_outputs.json"]
+    outputs = json.loads((out / "strong" / "model_outputs.json").read_text())
+    assert outputs[0] == {"instruction": "Rewrite sentence 0 in the passive voice.", "output": "strong says <q=80>",
+                          "generator": "strong", "dataset": "raygpt"}
+    assert outputs[1]["instruction"] == "Rewrite sentence 1 in the passive voice.\n\nThe cat chased mouse 1."
+    reference = json.loads((out / "reference_outputs.json").read_text())
+    assert reference[1] == {**outputs[1], "output": "Mouse 1 was chased by the cat.", "generator": "reference"}
+    assert "alpaca_eval --model_outputs" in capsys.readouterr().out

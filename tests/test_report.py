@@ -115,7 +115,8 @@ def test_rows_sorted_by_test_loss_in_every_backend(tmp_path):
     assert table[0].startswith("| model | test loss | IFT score | 95% CI |")
     assert table[1].startswith("| openai-gpt2-medium | 3.231 | 38.53 | 36.03 - 41.03 | 3 | 1 | 355M | 2.0M | - |")
     assert table[2].startswith("| gpt2-small-run | 3.674 | 17.09 |")
-    assert "anchor reference answer: 93.20" in markdown and "Spearman(test loss, IFT score) = -1.00" in markdown
+    assert "anchor reference answer: 93.20" in markdown
+    assert "test loss and IFT score agree (lower loss, higher score): Spearman -1.00, 95% CI -1.00 to" in markdown
     assert "![IFT score vs. test loss](loss_vs_score.png)" in markdown
 
     assert_real_png(out / "loss_vs_score.png")
@@ -125,7 +126,7 @@ def test_rows_sorted_by_test_loss_in_every_backend(tmp_path):
     render_terminal(report, console)
     text = console.file.getvalue()
     assert text.index("openai-gpt2-medium") < text.index("gpt2-small-run") < text.index("tiny-run")
-    assert "anchor empty answer: 1.50" in text and "across 3 models" in text
+    assert "anchor empty answer: 1.50" in text and "(3 models, items resampled)" in text
 
 
 def test_spearman_of_loss_and_score_with_an_item_bootstrap(tmp_path):
@@ -235,3 +236,41 @@ def test_judge_and_report_over_s3(s3_env, tmp_path, monkeypatch):
     report = build_report(spec_for(tmp_path, f"storage_path={root}"), storage)
     assert [(r.model, r.ift_score) for r in report.rows] == [("strong", 80), ("medium", 55), ("weak", 30)]
     assert report.sources["judge"] == f"{root}/judge/summary.json"
+
+
+@pytest.mark.integration
+def test_replicates_groups_length_and_pair_sentences_reach_the_report(tmp_path, monkeypatch):
+    from fake_openai import FakeOpenAI
+    from test_judge import make_spec, noisy_judge, quiet, write_scored_answers
+
+    from raygpt.judge.run import run_judge
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    rng = np.random.default_rng(0)
+    item = rng.normal(0, 10, 30)
+    qualities = {f"{m}@seed{k}": np.round(q + offset + item + rng.normal(0, 3, 30))
+                 for m, q in (("big", 75), ("mid", 55), ("small", 35)) for k, offset in ((1, -3), (2, 0), (3, 3))}
+    write_scored_answers(tmp_path, qualities)
+    with FakeOpenAI(models=["judge-1"]) as server:
+        server.policy = noisy_judge(server, sd=4)
+        run_judge(make_spec(tmp_path, server), Storage(), quiet())
+    write_eval(tmp_path, [("big", 3.1, None, 1), ("mid", 3.5, None, 1), ("small", 4.0, None, 1)])
+    spec = spec_for(tmp_path)
+    report = build_report(spec, Storage())
+    assert [(r.model, r.letters, r.seeds) for r in report.rows] == [("big", "a", 3), ("mid", "b", 3), ("small", "c", 3)]
+    assert all(r.lc_score is not None and r.mean_length > 10 and len(r.replicate_scores) == 3 for r in report.rows)
+    c = report.correlation
+    assert c["resampled"] == "items and seeds" and c["seeds"] == [3, 3, 3]
+    assert c["sentence"].startswith("test loss and IFT score agree (lower loss, higher score): Spearman -1.00")
+
+    write_report(report, spec.report.output)
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    header = "| model | test loss | IFT score | 95% CI | group | length-controlled | answer length | seeds | passes |"
+    assert header in markdown
+    assert markdown.count("survives fine-tuning noise") == 3, "one sentence per pair, with the seed variance"
+    assert "big - mid: +" in markdown and "with 3 fine-tuning seeds each" in markdown
+    assert "agreement between passes on the same answers: Spearman" in markdown
+    assert "with no bias at all" in markdown and "points per 100 characters" in markdown
+    assert_real_png(tmp_path / "report" / "loss_vs_score.png")
+    data = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert "item_scores_by_seed" not in data["rows"][0] and data["judge"]["comparisons"]["seed_robust"]

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 
 import numpy as np
 import pytest
 
 from raygpt.stats import (bootstrap_mean_ci, compact_letter_display, describe_agreement, f_quantile, holm_adjust,
                           item_agreement, length_controlled, mean_ci, paired_differences, paired_seed_robust,
-                          position_bias, spearman, spearman_interval, t_quantile, variance_components)
+                          position_bias, spearman, spearman_interval, t_cdf, t_quantile, variance_components)
 
 
 def judged(quality: list[float], items: int, passes: int, rng: np.random.Generator, item_sd: float = 15,
@@ -120,6 +121,8 @@ def test_distribution_quantiles_match_the_tables():
     assert t_quantile(0.025, 10) == pytest.approx(-2.228139, abs=1e-6)
     assert t_quantile(0.975, 1e7) == pytest.approx(1.959964, abs=1e-5)
     assert f_quantile(0.95, 3, 10) == pytest.approx(3.708265, abs=1e-6)
+    assert t_cdf(2.228139, 10) == pytest.approx(0.975, abs=1e-6) and t_cdf(0, 3) == 0.5
+    assert t_cdf(-1.959964, math.inf) == pytest.approx(0.025, abs=1e-6)
     assert 2 * f_quantile(0.025, 2) == pytest.approx(0.0506356, abs=1e-6)  # chi-square(2)
     assert 400 * f_quantile(0.975, 400) == pytest.approx(457.3055, abs=1e-3)
 
@@ -186,6 +189,8 @@ def test_a_lead_survives_seed_noise_only_when_it_is_large_enough():
     assert close["sentence"].startswith("near - small: +") and "does not survive fine-tuning noise" in close["sentence"]
     wide = paired_seed_robust(far, small, names=("far", "small"))
     assert wide["survives"] is True and wide["ci"][0] < 20 < wide["ci"][1] and "survives" in wide["sentence"]
+    # The t test agrees with the interval: p above 0.05 exactly when the interval holds 0.
+    assert close["p_value"] > 0.05 and wide["p_value"] < 0.05
     once = paired_seed_robust(far[:1], small, names=("far", "small"))
     assert once["survives"] is None and "far fine-tuned with one seed" in once["sentence"]
     json.dumps([close, wide, once], allow_nan=False)

@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="answers file from `raygpt ift`; repeatable; replaces judge.answers")
     p.add_argument("--dry-run", action="store_true",
                    help="check the inputs and count the calls (and cached ones) without calling the judge")
+    p.add_argument("--export-alpaca-eval", metavar="DIR", default=None,
+                   help="write the answers in AlpacaEval's format (DIR/<model>/model_outputs.json, "
+                        "DIR/reference_outputs.json) instead of judging")
     p.set_defaults(handler="raygpt.cli.commands:judge_command")
 
     p = verbs.add_parser("report", help="compare runs: terminal table, Markdown/JSON/CSV, plots")

@@ -86,13 +86,21 @@ def ift_command(args) -> int:
 
 
 def judge_command(args) -> int:
-    """``raygpt judge SPEC [--answers URI]... [--dry-run]``."""
-    from raygpt.judge.run import run_judge
-
+    """``raygpt judge SPEC [--answers URI]... [--dry-run | --export-alpaca-eval DIR]``."""
     spec = load_spec(args.spec, args.overrides)
     if args.answers:
         spec.judge.answers = list(args.answers)
-    run_judge(spec, Storage.from_config(spec.storage), make_console(), dry_run=args.dry_run)
+    storage = Storage.from_config(spec.storage)
+    if args.export_alpaca_eval:
+        from raygpt.judge.export import export_alpaca_eval
+
+        written = export_alpaca_eval(spec, storage, args.export_alpaca_eval)
+        print(f"wrote {len(written) - 1} model_outputs.json and reference_outputs.json under {args.export_alpaca_eval}; "
+              f"score them with: alpaca_eval --model_outputs {written[0]} --reference_outputs {written[-1]}")
+        return 0
+    from raygpt.judge.run import run_judge
+
+    run_judge(spec, storage, make_console(), dry_run=args.dry_run)
     return 0
 
 

@@ -1,4 +1,9 @@
-"""The answers being judged: one ``AnswerSet`` per model, read from ``raygpt ift``'s answer files."""
+"""The answers being judged: one ``AnswerSet`` per model, read from ``raygpt ift``'s answer files.
+
+A model fine-tuned several times (``ift.seeds``) has one answers file per replicate, its id
+``<model>@seed<k>`` (``raygpt.stages.replicate_id``): each replicate is judged as a candidate
+of its own, and ``replicate_groups`` pools them back into their base model.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from typing import Any
 
 from raygpt.config import RunSpec
 from raygpt.errors import RaygptError
-from raygpt.stages import EMPTY_ANCHOR, REFERENCE_ANCHOR, answers_dir
+from raygpt.stages import EMPTY_ANCHOR, REFERENCE_ANCHOR, answers_dir, replicate_id, replicate_of
 from raygpt.storage import Storage, join
 
 ITEM_FIELDS = ("instruction", "input", "output", "response")
@@ -19,10 +24,19 @@ class AnswerSet:
     """One model's answers to the held-out instructions (an answers file of ``raygpt ift``)."""
 
     model: str
+    """The candidate's id: the model's, or a replicate's (``<model>@seed<k>``)."""
     uri: str
     base_model: str | None
+    """The base checkpoint's ref, as the answers file names it."""
     dataset: dict
     items: list[dict]
+    seed: int | None = None
+    """The fine-tuning seed of a replicate; None for a model fine-tuned once."""
+
+    @property
+    def group(self) -> str:
+        """The base model's id, which the replicates of one model share."""
+        return replicate_of(self.model)[0] if self.seed is not None else self.model
 
 
 def load_answer_sets(spec: RunSpec, storage: Storage) -> list[AnswerSet]:
@@ -41,7 +55,24 @@ def load_answer_sets(spec: RunSpec, storage: Storage) -> list[AnswerSet]:
             raise RaygptError(f"judge: {answers.uri} and {seen[answers.model]} both hold answers of model "
                               f"{answers.model!r}: judge each model once")
         seen[answers.model] = answers.uri
+    replicate_groups(sets)  # checks that no model is both a single run and replicates
     return sets
+
+
+def replicate_groups(sets: list[AnswerSet]) -> dict[str, list[AnswerSet]]:
+    """Base model id -> its answer sets (one, or one per fine-tuning seed, by seed), in the order
+    the models first appear."""
+    groups: dict[str, list[AnswerSet]] = {}
+    for answers in sets:
+        groups.setdefault(answers.group, []).append(answers)
+    for group, members in groups.items():
+        if len(members) > 1 and any(m.seed is None for m in members):
+            plain = next(m for m in members if m.seed is None)
+            other = next(m for m in members if m.seed is not None)
+            raise RaygptError(f"judge: {plain.uri} holds {group!r} fine-tuned once and {other.uri} a replicate "
+                              f"of it (seed {other.seed}): judge one or the other (list the files in judge.answers)")
+        members.sort(key=lambda m: m.seed)
+    return groups
 
 
 def _read_answer_set(uri: str, storage: Storage) -> AnswerSet:
@@ -51,6 +82,16 @@ def _read_answer_set(uri: str, storage: Storage) -> AnswerSet:
     model = data.get("model") or PurePosixPath(uri).stem
     if not isinstance(model, str) or model.startswith("@"):
         raise RaygptError(f"{uri}: model id {model!r} must be a string not starting with '@' (anchors use '@')")
+    seed = data.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise RaygptError(f"{uri}: seed {seed!r} must be an integer (the fine-tuning seed of a replicate)")
+    _, suffix_seed = replicate_of(model)
+    if seed is None:
+        seed = suffix_seed
+    elif suffix_seed is not None and suffix_seed != seed:
+        raise RaygptError(f"{uri}: model id {model!r} names seed {suffix_seed} but the file says seed {seed}")
+    elif suffix_seed is None:
+        model = replicate_id(model, seed)  # a replicate's id always carries its seed
     items = []
     for index, item in enumerate(data["items"]):
         if not isinstance(item, dict):
@@ -60,7 +101,7 @@ def _read_answer_set(uri: str, storage: Storage) -> AnswerSet:
             if not isinstance(item.get(key), str):
                 raise RaygptError(f"{uri}: item {index}: field {key!r} is missing or not a string")
         items.append(item)
-    return AnswerSet(model, uri, data.get("base_model"), data.get("dataset") or {}, items)
+    return AnswerSet(model, uri, data.get("base_model"), data.get("dataset") or {}, items, seed)
 
 
 def check_aligned(sets: list[AnswerSet]) -> None:

@@ -6,8 +6,11 @@
   then give up on that one judgement with a recorded reason. A preflight proves the key is
   set, the endpoint answers and the model is served, before any judging.
 - ``JudgeCache``: one JSON file per judgement, keyed by the sha256 of everything that shapes
-  the reply (judge model, template version, full prompt, sampling settings), written
-  atomically. A re-run costs nothing; an interrupted run resumes where it stopped.
+  the reply (who the judge is, judge model, template version, full prompt, sampling settings),
+  written atomically. A re-run costs nothing; an interrupted run resumes where it stopped.
+  Who the judge is (``judge_identity``) leaves the address out: the same server reached on
+  another port or host name reuses its judgements, while another server that lists the model
+  differently does not. Entries of older caches, keyed by the address, are still read.
 - ``Usage`` and ``PRICES``: tokens spent and what they cost, estimated per model.
 """
 
@@ -24,7 +27,7 @@ from typing import Any, Callable
 
 import openai
 
-from raygpt.config import JudgeConfig
+from raygpt.config import JudgeConfig, without_userinfo
 from raygpt.errors import RaygptError
 from raygpt.judge.prompts import ReplyError, Score
 from raygpt.storage import Storage, join
@@ -91,6 +94,8 @@ class Outcome:
     usage: Usage = field(default_factory=Usage)
     failure: str | None = None
     cached: bool = False
+    batch: str | None = None
+    """The id of the batch that answered it (``judge.batch``); None for a direct call."""
 
 
 class EndpointGone(RaygptError):
@@ -122,19 +127,20 @@ class JudgeEndpoint:
 
     # -- preflight --------------------------------------------------------------------------
 
-    def preflight(self) -> None:
+    def preflight(self) -> dict | None:
         """Fail before any work when the endpoint cannot be reached, refuses the key, or does
-        not serve the judge model."""
+        not serve the judge model. Returns what the endpoint lists about the model (its
+        /v1/models entry), None when it lists no models."""
         model = self.config.model
         for attempt in range(self.config.max_retries + 1):
             try:
-                served = [m.id for m in self.client.models.list().data]
+                listed = [m.to_dict() for m in self.client.models.list().data]
                 break
             except openai.AuthenticationError:
                 raise RaygptError(f"judge endpoint {self.where} rejected the key in ${self.config.api_key_env} "
                                   f"(401): check it") from None
             except openai.NotFoundError:
-                return  # some servers do not list models; the first call will say if the model is missing
+                return None  # some servers do not list models; the first call will say if the model is missing
             except (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError) as e:
                 if attempt == self.config.max_retries:
                     raise RaygptError(f"judge endpoint {self.where} keeps failing ({self._describe(e)}): try again later") from None
@@ -145,10 +151,13 @@ class JudgeEndpoint:
             except openai.APIStatusError as e:
                 raise RaygptError(f"judge endpoint {self.where}: listing models failed ({self._describe(e)})") from None
         # Ollama lists "llama3:latest" for "llama3".
-        if model not in served and f"{model}:latest" not in served:
-            listed = ", ".join(sorted(served)[:20]) or "none"
-            raise RaygptError(f"judge model {model!r} is not served by {self.where} (it serves: {listed}): "
-                              f"set judge.model to one of them")
+        for name in (model, f"{model}:latest"):
+            for entry in listed:
+                if entry.get("id") == name:
+                    return entry
+        served = ", ".join(sorted(str(entry.get("id")) for entry in listed)[:20]) or "none"
+        raise RaygptError(f"judge model {model!r} is not served by {self.where} (it serves: {served}): "
+                          f"set judge.model to one of them")
 
     # -- calls ------------------------------------------------------------------------------
 
@@ -220,6 +229,42 @@ class JudgeEndpoint:
             raise EndpointGone(f"judge endpoint {self.where} cannot be reached any more ({problem})")
         return Outcome(None, None, attempt, usage, failure=f"{problem} (after {attempt} attempts)")
 
+    def api(self, what: str, request: Callable[[], Any], missing_ok: bool = False) -> Any:
+        """One request of the Batch API (upload, create, poll, download), retried as a chat call
+        is on rate limits, server errors, timeouts and dropped connections; anything else stops
+        the run naming ``what``. ``missing_ok``: None for a 404 (a batch the endpoint does not know)."""
+        attempt = 0
+        while True:
+            try:
+                return request()
+            except openai.AuthenticationError:
+                raise EndpointGone(f"judge endpoint {self.where} rejected the key in ${self.config.api_key_env} (401)") from None
+            except openai.PermissionDeniedError as e:
+                raise EndpointGone(f"judge endpoint {self.where} refused access ({self._describe(e)})") from None
+            except openai.NotFoundError as e:
+                if missing_ok:
+                    return None
+                raise EndpointGone(f"judge endpoint {self.where}: {what} failed ({self._describe(e)}); does it "
+                                   f"serve the Batch API? (judge.batch: false sends direct calls)") from None
+            except (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError) as e:
+                if getattr(e, "code", None) == "insufficient_quota":
+                    raise EndpointGone(f"judge endpoint {self.where}: the account's quota is used up "
+                                       f"({self._describe(e)})") from None
+                if attempt >= self.config.max_retries or self.stopping.is_set():
+                    raise EndpointGone(f"judge endpoint {self.where}: {what} keeps failing ({self._describe(e)})") from None
+                self.stopping.wait(self._backoff(attempt, e))
+                attempt += 1
+            except openai.APIStatusError as e:
+                raise RaygptError(f"judge endpoint {self.where}: {what} failed ({self._describe(e)})") from None
+
+    def redact(self, text: str) -> str:
+        """``text`` (an error message the endpoint sent) with the API key blanked out."""
+        return text.replace(self._secret, "<api key>") if self._secret else text
+
+    def request_body(self, messages: list[dict], response_format: dict | None, seed: int) -> dict[str, Any]:
+        """The body of a chat completion request, as a direct call sends it (a batch line's body)."""
+        return self._request(messages, response_format, seed)
+
     def _request(self, messages: list[dict], response_format: dict | None, seed: int) -> dict[str, Any]:
         kwargs: dict[str, Any] = dict(model=self.config.model, messages=messages,
                                       temperature=self.config.temperature, seed=seed)
@@ -269,18 +314,55 @@ def _describe(error: Exception, secret: str | None = None) -> str:
     return f"{kind} {status}: {message}" if status else f"{kind}: {message}"
 
 
+IDENTITY_FIELDS = ("id", "owned_by", "root", "parent", "meta")
+"""What a /v1/models entry says about how a model is served: its name, the server kind (vLLM
+says "vllm", Ollama "library", llama.cpp "llamacpp"), vLLM's weights path and base model,
+llama.cpp's parameter count and file size. Left out: ``created`` and ``permission``, which
+vLLM makes anew on every request."""
+
+
+def judge_identity(config: JudgeConfig, listed: dict | None) -> str | None:
+    """Who the judge is, for the cache key: ``judge.identity`` when the spec names it, "openai"
+    for OpenAI itself, else what the endpoint lists about the model (``listed``, from
+    ``JudgeEndpoint.preflight``); None when the endpoint lists nothing (the cache then keys by
+    the address, as older caches did)."""
+    if config.identity:
+        return f"name:{config.identity}"
+    if not config.base_url:
+        return "openai"
+    if listed is None:
+        return None
+    return "served:" + json.dumps({k: listed[k] for k in IDENTITY_FIELDS if listed.get(k) is not None},
+                                  sort_keys=True, ensure_ascii=False)
+
+
 class JudgeCache:
-    """Judge replies on disk (or S3), one JSON file per key, so no judgement is bought twice."""
+    """Judge replies on disk (or S3), one JSON file per key, so no judgement is bought twice.
+
+    Two keys may find one judgement: ``key`` (who the judge is, not where) and ``address_key``
+    (the endpoint's address, as caches made before the identity keyed them). ``get`` reads the
+    first and falls back to the second; an entry found only by the address is copied under the
+    identity key, so from then on the identity key wins and the old file is merely kept.
+    """
 
     def __init__(self, root: str, storage: Storage):
         self.root = root
         self.storage = storage
 
     @staticmethod
-    def key(endpoint: str | None, model: str, template: str, messages: list[dict], settings: dict[str, Any]) -> str:
-        """sha256 of everything that shapes the reply: the endpoint (one model name may be served
-        differently by Ollama and vLLM), judge model, template name and version, the full prompt,
-        and the sampling settings (temperature, seed, max_tokens)."""
+    def key(judge: str, model: str, template: str, messages: list[dict], settings: dict[str, Any]) -> str:
+        """sha256 of everything that shapes the reply: who the judge is (``judge_identity``: one
+        model name may be served differently by Ollama and vLLM), judge model, template name and
+        version, the full prompt, and the sampling settings (temperature, seed, max_tokens)."""
+        blob = json.dumps({"judge": judge, "model": model, "template": template,
+                           "messages": messages, "settings": settings}, sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    @staticmethod
+    def address_key(endpoint: str | None, model: str, template: str, messages: list[dict],
+                    settings: dict[str, Any]) -> str:
+        """The key of caches made before ``key``: the endpoint's address in place of the judge's
+        identity. Still read; written only where the endpoint says nothing about its models."""
         blob = json.dumps({"endpoint": endpoint or "openai", "model": model, "template": template,
                            "messages": messages, "settings": settings}, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(blob.encode()).hexdigest()
@@ -288,8 +370,18 @@ class JudgeCache:
     def path(self, key: str) -> str:
         return join(self.root, key[:2], f"{key}.json")
 
-    def get(self, key: str) -> dict | None:
-        """The cached entry, or None when absent or unreadable (a torn file is re-judged)."""
+    def get(self, key: str, fallback: str | None = None, copy_forward: bool = True) -> dict | None:
+        """The entry cached under ``key``, else under ``fallback`` (then copied under ``key``
+        unless ``copy_forward`` is False); None when absent or unreadable (a torn file is
+        re-judged)."""
+        entry = self._read(key)
+        if entry is None and fallback is not None and fallback != key:
+            entry = self._read(fallback)
+            if entry is not None and copy_forward:
+                self.storage.write_json(self.path(key), {**entry, "key": key, "address_key": fallback})
+        return entry
+
+    def _read(self, key: str) -> dict | None:
         uri = self.path(key)
         if not self.storage.exists(uri):
             return None
@@ -302,3 +394,28 @@ class JudgeCache:
     def put(self, key: str, reply: str, usage: Usage, attempts: int, described: dict[str, Any]) -> None:
         self.storage.write_json(self.path(key), {"key": key, "reply": reply, "usage": asdict(usage),
                                                  "attempts": attempts, "created": time.time(), **described})
+
+    # -- who answers at an address --------------------------------------------------------------
+
+    def _identity_path(self, base_url: str, model: str) -> str:
+        digest = hashlib.sha256(json.dumps([base_url, model]).encode()).hexdigest()
+        return join(self.root, "judges", f"{digest[:24]}.json")
+
+    def remembered_identity(self, base_url: str, model: str) -> tuple[bool, str | None]:
+        """(known, identity) of the judge last found at ``base_url`` serving ``model``: so a
+        re-run needs no request to know whose judgements to read."""
+        uri = self._identity_path(base_url, model)
+        if not self.storage.exists(uri):
+            return False, None
+        try:
+            entry = json.loads(self.storage.read_bytes(uri))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return False, None
+        if not isinstance(entry, dict) or "identity" not in entry:
+            return False, None
+        return True, entry["identity"]
+
+    def remember_identity(self, base_url: str, model: str, identity: str | None, listed: dict | None) -> None:
+        self.storage.write_json(self._identity_path(base_url, model),
+                                {"base_url": without_userinfo(base_url), "model": model, "identity": identity,
+                                 "listed": listed, "created": time.time()})

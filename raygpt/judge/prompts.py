@@ -5,6 +5,9 @@ cache key and every judgement record, so a cached judgement always knows which w
 it; change the wording, bump the version.
 
 - ``SinglePrompt``: the book's chapter-7 prompt, one answer per call, a bare 0-100 integer.
+  Its variant 1 names the answer before the reference: passes alternate the two, so a
+  repeated pass is not the identical prompt again (which a deterministic judge answers
+  identically, so the passes would agree perfectly and measure nothing).
 - ``ComparativePrompt``: every candidate answer to one item in one call (labelled A, B, C...
   in the order the caller chose), with the reference answer and a rubric, answered as JSON
   ``{"scores": [{"label": "A", "reason": "...", "score": 0-100}, ...]}``. Scoring all
@@ -47,16 +50,27 @@ class SinglePrompt:
 
     name = "single"
     version = "book-ch07-v1"
+    variants = 2
+    """0: the book's wording; 1: the same request with the reference after the answer."""
 
-    def messages(self, item: dict, answers: list[str]) -> list[dict]:
+    def messages(self, item: dict, answers: list[str], variant: int = 0) -> list[dict]:
         (answer,) = answers
-        prompt = (
-            f"Given the input `{AlpacaPrompt().format_input(item)}` "
-            f"and correct output `{item['output']}`, "
-            f"score the model response `{answer}`"
-            f" on a scale from 0 to 100, where 100 is the best score. "
-            f"Respond with the integer number only."
-        )
+        if variant == 0:
+            prompt = (
+                f"Given the input `{AlpacaPrompt().format_input(item)}` "
+                f"and correct output `{item['output']}`, "
+                f"score the model response `{answer}`"
+                f" on a scale from 0 to 100, where 100 is the best score. "
+                f"Respond with the integer number only."
+            )
+        else:
+            prompt = (
+                f"Given the input `{AlpacaPrompt().format_input(item)}`, "
+                f"score the model response `{answer}` "
+                f"against the correct output `{item['output']}`"
+                f" on a scale from 0 to 100, where 100 is the best score. "
+                f"Respond with the integer number only."
+            )
         return [{"role": "user", "content": prompt}]
 
     def response_format(self, labels: list[str]) -> dict | None:
@@ -84,6 +98,8 @@ class ComparativePrompt:
 
     name = "comparative"
     version = "comparative-v1"
+    variants = 1
+    """Passes vary the order of the answers instead."""
 
     system = (
         "You are an impartial judge of how well AI assistants follow instructions. You see one "
@@ -102,7 +118,7 @@ class ComparativePrompt:
         '"score": <integer 0-100>}, ...]}, with exactly one entry for every label.'
     )
 
-    def messages(self, item: dict, answers: list[str]) -> list[dict]:
+    def messages(self, item: dict, answers: list[str], variant: int = 0) -> list[dict]:
         parts = [f"<instruction>\n{item['instruction']}\n</instruction>"]
         if item.get("input"):
             parts.append(f"<input>\n{item['input']}\n</input>")

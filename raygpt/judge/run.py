@@ -9,10 +9,15 @@ answer itself (should score high) and an empty answer (should score low).
 
 What comes out, under ``<judge.output or storage_path/judge>``:
 - ``judgements.jsonl``: every call (item, pass, order, label -> model, scores, reasons, raw
-  reply, attempts, cached or not, tokens);
-- ``summary.json``: per model the mean score, a bootstrap 95% interval over items, the spread
-  of the per-pass means and the failures; the anchors; agreement between passes (Spearman,
-  Kendall); a position-bias estimate; tokens and cost.
+  reply, attempts, cached or not, tokens, the batch that answered it);
+- ``summary.json``: the statistics of ``summary``: per base model the mean score and its 95%
+  interval (with the fine-tuning seed variance when it has replicates), letters for the models
+  that cannot be told apart, every pair's difference, where the noise comes from, the
+  length-controlled score; the anchors and their warnings; the judge's agreement between
+  passes and its position bias; tokens and cost.
+
+The calls go one by one (``judge.concurrency`` at a time) or, with ``judge.batch``, through the
+Batch API (``batch``); either way each reply is parsed, validated and cached alike.
 
 A judgement that still fails after its retries is counted, never averaged in as a zero: an
 item with no score for a model leaves that model's mean (each item's score is the mean of its
@@ -34,9 +39,19 @@ from rich.progress import Progress
 from raygpt.config import RunSpec
 from raygpt.errors import RaygptError
 from raygpt.judge.answers import AnswerSet, answer_of, candidates_of, check_aligned, load_answer_sets
-from raygpt.judge.client import EndpointGone, JudgeCache, JudgeEndpoint, Outcome, Usage, price_of, sampling_settings
+from raygpt.judge.batch import judge_in_batch
+from raygpt.judge.client import (
+    EndpointGone,
+    JudgeCache,
+    JudgeEndpoint,
+    Outcome,
+    Usage,
+    judge_identity,
+    price_of,
+    sampling_settings,
+)
 from raygpt.judge.prompts import LABELS, TEMPLATES, ReplyError
-from raygpt.judge.summary import _money, render_summary, summarize
+from raygpt.judge.summary import BATCH_DISCOUNT, _money, render_summary, summarize
 from raygpt.stages import JUDGE_SUMMARY_FILE, JUDGEMENTS_FILE, judge_dir
 from raygpt.storage import Storage, join
 
@@ -53,6 +68,11 @@ class JudgeCall:
     response_format: dict | None
     seed: int
     key: str
+    """The cache key the reply is written under."""
+    fallback_key: str | None = None
+    """A key an older cache may hold the reply under (the address's), read when ``key`` is absent."""
+    variant: int = 0
+    """The template's wording for this pass (``SinglePrompt.variants``)."""
 
     @property
     def labels(self) -> list[str]:
@@ -72,8 +92,10 @@ def presentation_orders(candidates: list[str], items: int, passes: int, seed: in
     return orders
 
 
-def plan_calls(spec: RunSpec, sets: list[AnswerSet]) -> list[JudgeCall]:
-    """Every judge call of the run, in a fixed order, each with its cache key."""
+def plan_calls(spec: RunSpec, sets: list[AnswerSet], identity: str | None = None) -> list[JudgeCall]:
+    """Every judge call of the run, in a fixed order, each with its cache keys: by the judge's
+    ``identity`` (falling back to the address's key of older caches), or by the address alone
+    when the identity is not known."""
     config = spec.judge
     template = TEMPLATES[config.mode]()
     template_id = f"{template.name}/{template.version}"
@@ -87,23 +109,29 @@ def plan_calls(spec: RunSpec, sets: list[AnswerSet]) -> list[JudgeCall]:
     orders = presentation_orders(candidates, len(items), config.passes, config.seed)
     for p in range(config.passes):
         seed = config.seed + p
+        variant = p % template.variants
         settings = sampling_settings(config, seed)
         for i, item in enumerate(items):
             groups = [orders[p][i]] if config.mode == "comparative" else [[c] for c in candidates]
             for order in groups:
                 answers = [answer_of(c, i, by_model, item) for c in order]
-                messages = template.messages(item, answers)
+                messages = template.messages(item, answers, variant)
+                described = (config.model, template_id, messages, settings)
+                address_key = JudgeCache.address_key(config.base_url, *described)
+                key = JudgeCache.key(identity, *described) if identity else address_key
                 calls.append(JudgeCall(p, i, order, messages, template.response_format(list(LABELS[: len(order)])),
-                                       seed, JudgeCache.key(config.base_url, config.model, template_id, messages, settings)))
+                                       seed, key, address_key if identity else None, variant))
     return calls
 
 
-def read_cached(calls: list[JudgeCall], spec: RunSpec, cache: JudgeCache, console: Console) -> list[Outcome | None]:
-    """The cached judgement of each call, or None where there is none (or none this template reads)."""
+def read_cached(calls: list[JudgeCall], spec: RunSpec, cache: JudgeCache, console: Console,
+                copy_forward: bool = True) -> list[Outcome | None]:
+    """The cached judgement of each call, or None where there is none (or none this template
+    reads). One found by its fallback key is copied under its key (``copy_forward``)."""
     template = TEMPLATES[spec.judge.mode]()
 
     def lookup(call: JudgeCall) -> Outcome | None:
-        entry = cache.get(call.key)
+        entry = cache.get(call.key, call.fallback_key, copy_forward)
         if entry is None:
             return None
         try:
@@ -116,7 +144,7 @@ def read_cached(calls: list[JudgeCall], spec: RunSpec, cache: JudgeCache, consol
 
 
 def judge_calls(calls: list[JudgeCall], spec: RunSpec, cache: JudgeCache, endpoint: JudgeEndpoint,
-                console: Console) -> list[Outcome]:
+                console: Console, identity: str | None = None) -> list[Outcome]:
     """Ask the judge, ``judge.concurrency`` calls at a time. Each judgement is cached as soon as
     it arrives, so an interrupted run loses nothing."""
     template = TEMPLATES[spec.judge.mode]()
@@ -127,7 +155,7 @@ def judge_calls(calls: list[JudgeCall], spec: RunSpec, cache: JudgeCache, endpoi
                                     lambda reply: template.parse(reply, call.labels))
         if outcome.scores is not None:
             cache.put(call.key, outcome.reply, outcome.usage, outcome.attempts,
-                      {"template": template_id, "model": spec.judge.model, "seed": call.seed})
+                      {"template": template_id, "model": spec.judge.model, "seed": call.seed, "judge": identity})
         return outcome
 
     return _in_parallel(judge_one, calls, spec.judge.concurrency, console, "judging", on_abort=endpoint.stopping.set)
@@ -158,26 +186,28 @@ def run_judge(spec: RunSpec, storage: Storage, console: Console | None = None, d
     """Judge every answers file of the spec; write judgements.jsonl and summary.json (last).
 
     Order of work: the API key, then the inputs (aligned?), then the cache, then the endpoint
-    (reachable, model served) if anything is left to judge, then the calls: every problem that
-    can be found before spending tokens is. A run whose judgements are all cached makes no
-    request at all.
+    (reachable, model served, who it is) if anything is left to judge, then the calls: every
+    problem that can be found before spending tokens is. A run whose judgements are all cached
+    makes no request at all.
+
+    The cache is read under the judge's identity when it is known without asking (the spec's
+    ``judge.identity``, OpenAI, or the identity last found at this address), else under the
+    address. When calls are left, the preflight asks the endpoint who it is; if that is a
+    judge not known before, the cache is read once more under its identity, so the same judge
+    reached at a new address pays for nothing it already judged.
     """
     console = console or Console()
     config = spec.judge
     endpoint = None if dry_run else JudgeEndpoint(config)
     sets = load_answer_sets(spec, storage)
     check_aligned(sets)
-    calls = plan_calls(spec, sets)
     cache = JudgeCache(config.cache_dir, storage)
-    outcomes = read_cached(calls, spec, cache, console)
+    identity = _known_identity(config, cache)
+    calls = plan_calls(spec, sets, identity)
+    outcomes = read_cached(calls, spec, cache, console, copy_forward=not dry_run)
     missing = [i for i, outcome in enumerate(outcomes) if outcome is None]
-    # Identical prompts (in single mode: two models with the same answer, or an empty answer
-    # and the empty anchor) are one question: asked once, the copies reuse the reply.
-    first_of_key: dict[str, int] = {}
-    for i in missing:
-        first_of_key.setdefault(calls[i].key, i)
     if dry_run:
-        plan = dry_run_plan([calls[i] for i in first_of_key.values()], len(calls), spec)
+        plan = dry_run_plan([calls[i] for i in _first_of_key(calls, missing).values()], len(calls), spec)
         console.print(f"judge (dry run): {plan['calls']} calls, {plan['cached']} cached, {plan['to_make']} to make, "
                       f"~{plan['input_tokens_estimate']:,} input tokens, est. cost {_money(plan['cost_estimate_usd'])}")
         return plan
@@ -185,9 +215,25 @@ def run_judge(spec: RunSpec, storage: Storage, console: Console | None = None, d
     storage.check_access(output, write=True)
     started = time.time()
     if missing:
-        endpoint.preflight()
+        listed = endpoint.preflight()
+        found = judge_identity(config, listed)
+        if config.base_url and not config.identity:
+            cache.remember_identity(config.base_url, config.model, found, listed)
+        if found != identity:
+            identity = found
+            calls = plan_calls(spec, sets, identity)
+            outcomes = read_cached(calls, spec, cache, console)
+            missing = [i for i, outcome in enumerate(outcomes) if outcome is None]
+    if missing:
+        # Identical prompts (in single mode: two models with the same answer, or an empty answer
+        # and the empty anchor) are one question: asked once, the copies reuse the reply.
+        first_of_key = _first_of_key(calls, missing)
+        unique = [calls[i] for i in first_of_key.values()]
         try:
-            fresh = judge_calls([calls[i] for i in first_of_key.values()], spec, cache, endpoint, console)
+            if config.batch:
+                fresh = judge_in_batch(unique, spec, cache, endpoint, storage, console, identity)
+            else:
+                fresh = judge_calls(unique, spec, cache, endpoint, console, identity)
         except EndpointGone as e:
             raise EndpointGone(f"{e}; judging stopped, the judgements made so far are cached: run again to resume") from None
         by_key = dict(zip(first_of_key, fresh))
@@ -195,7 +241,7 @@ def run_judge(spec: RunSpec, storage: Storage, console: Console | None = None, d
             outcome = by_key[calls[i].key]
             outcomes[i] = outcome if first_of_key[calls[i].key] == i else replace(outcome, cached=True, usage=Usage())
     records = [judgement_record(call, outcome) for call, outcome in zip(calls, outcomes)]
-    summary = summarize(spec, sets, calls, outcomes)
+    summary = summarize(spec, sets, calls, outcomes, identity)
     summary["wall_s"] = round(time.time() - started, 3)
     storage.write_text(join(output, JUDGEMENTS_FILE), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     storage.write_json(join(output, JUDGE_SUMMARY_FILE), summary)
@@ -208,10 +254,28 @@ def run_judge(spec: RunSpec, storage: Storage, console: Console | None = None, d
     return summary
 
 
+def _known_identity(config, cache: JudgeCache) -> str | None:
+    """The judge's identity where it is known without a request: named in the spec, OpenAI, or
+    remembered from the last preflight at this address; else None (the cache is read by address)."""
+    if config.identity or not config.base_url:
+        return judge_identity(config, None)
+    _, remembered = cache.remembered_identity(config.base_url, config.model)
+    return remembered
+
+
+def _first_of_key(calls: list[JudgeCall], indices: list[int]) -> dict[str, int]:
+    first: dict[str, int] = {}
+    for i in indices:
+        first.setdefault(calls[i].key, i)
+    return first
+
+
 def dry_run_plan(missing: list[JudgeCall], total: int, spec: RunSpec) -> dict:
     # About 4 characters per token in English: enough to see what a run would cost.
     input_tokens = sum(len(m["content"]) for call in missing for m in call.messages) // 4
     cost = Usage(input_tokens, 0).cost(price_of(spec.judge.model, spec.judge))
+    if cost is not None and spec.judge.batch:
+        cost *= BATCH_DISCOUNT
     return {"calls": total, "cached": total - len(missing), "to_make": len(missing),
             "input_tokens_estimate": input_tokens, "cost_estimate_usd": cost}
 
@@ -229,7 +293,9 @@ def judgement_record(call: JudgeCall, outcome: Outcome) -> dict:
         "reply": outcome.reply,
         "attempts": outcome.attempts,
         "cached": outcome.cached,
+        "batch": outcome.batch,
         "usage": asdict(outcome.usage),
         "seed": call.seed,
+        "variant": call.variant,
         "key": call.key,
     }
