@@ -54,6 +54,7 @@ from raygpt.stages import (
 )
 from raygpt.stats import describe_agreement, rounded, spearman_interval
 from raygpt.storage import Storage, join, write_local_atomically
+from raygpt.train.attempts import describe_attempts
 
 
 @dataclass
@@ -260,7 +261,8 @@ def _read_runs(spec: RunSpec, storage: Storage, report: Report) -> None:
         if storage.exists(run_uri):
             record = storage.read_json(run_uri)
             if isinstance(record, dict):
-                report.runs[name] = {k: record[k] for k in ("status", "hardware", "final", "git_commit") if k in record}
+                report.runs[name] = {k: record[k] for k in ("status", "hardware", "final", "git_commit", "attempts")
+                                     if k in record}
     if not report.curves:
         report.missing.append(f"training curves: no run with metrics.jsonl under {spec.storage_path}")
 
@@ -317,6 +319,9 @@ def _notes(report: Report) -> list[str]:
         notes.append(f"{c['sentence']} ({c['models']} models, {c['resampled']} resampled{small})")
     if report.judge:
         notes += _judge_notes(report.judge)
+    for name, run in sorted(report.runs.items()):
+        if len(run.get("attempts") or []) > 1:  # restarts: where its steps were trained and what it cost
+            notes.append(f"run {name}: {describe_attempts(run['attempts'])}")
     notes += [f"missing: {m}" for m in report.missing]
     return notes
 

@@ -294,6 +294,9 @@ def test_any_worker_count_covers_the_global_batch_in_shares_that_differ_by_one_m
             shares = [batches.micro_batches(step, rank, world, 1) for rank in range(world)]
             assert max(map(len, shares)) - min(map(len, shares)) <= 1
             assert torch.equal(torch.cat([x for share in shares for x, _ in share]), whole)
+            assert sum(batches.share_digest(step, r, world, 1) for r in range(world)) == \
+                batches.share_digest(step, 0, 1, 1)
+        assert batches.share_digest(step, 0, 1, 1) != batches.share_digest(step + 1, 0, 1, 1)
     batches.close()
 
 

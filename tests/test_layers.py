@@ -35,7 +35,7 @@ FORBIDDEN = {
     # What the Ray-free GPU check (benchmarks/gpu_check.py) runs, on a machine without Ray.
     "raygpt.train.step": ("ray",), "raygpt.train.metrics": ("ray",), "raygpt.train.components": ("ray",),
     "raygpt.train.plan": ("ray",), "raygpt.train.parallel": ("ray",), "raygpt.train.schedule": ("ray",),
-    "raygpt.train.sinks": ("ray",), "raygpt.data": ("ray", "boto3"), "raygpt.weights": ("ray", "boto3"),
+    "raygpt.train.sinks": ("ray",), "raygpt.train.saving": ("ray",), "raygpt.train.attempts": ("ray", "torch"), "raygpt.data": ("ray", "boto3"), "raygpt.weights": ("ray", "boto3"),
     "raygpt.evaluate": ("boto3",),
 }
 

@@ -20,10 +20,10 @@ from raygpt.config import load_spec, spec_to_dict
 from raygpt.errors import RaygptError
 from raygpt.storage import Storage, join
 from raygpt.train.launch import train
-from raygpt.train.metrics import read_metrics, step_losses
+from raygpt.train.metrics import read_metrics, step_batches, step_losses
 
 REPO = Path(__file__).resolve().parent.parent
-STEPS = 64
+STEPS = 80
 LOOPBACK = "127.0.0.1"
 
 
@@ -141,52 +141,39 @@ def preemption_saves(driver: Driver) -> list[dict]:
 
 
 @pytest.mark.integration
-def test_a_drained_node_costs_no_step(cluster, tiny_dataset, fixed_size_losses, tmp_path):
+def test_drained_nodes_cost_no_step_and_no_failure(cluster, tiny_dataset, fixed_size_losses, tmp_path):
+    """Three spot reclaims with ``train.max_failures: 0``: the first with a 20 s notice, then two
+    with 6 s. Each saves before its deadline, and the run resumes where it stood."""
     root = f"s3://raygpt-test/spot-{os.urandom(4).hex()}"
     driver = Driver(spot_overrides(tiny_dataset, root, "drained"), cluster.address, tmp_path)
-    nodes = driver.worker_nodes()
-    add_node(cluster)  # where the workers go once their node is reclaimed
-    victim = nodes[-1]
-    noticed_at = time.monotonic()
-    drain(cluster, victim, deadline_s=20)
-    driver.wait_for(lambda: preemption_saves(driver), "a checkpoint saved on the notice", timeout=60)
-    assert time.monotonic() - noticed_at < 20  # it landed before the deadline
-    # At the deadline Ray Train stops the workers and starts them elsewhere; then the node goes.
-    attempt_nodes(driver, 2)
-    cluster.remove_node(node_of(cluster, victim))
+    victims = []
+    for k, deadline in enumerate((20, 6, 6)):
+        nodes = driver.worker_nodes() if k == 0 else attempt_nodes(driver, k + 1)
+        add_node(cluster)  # where the workers go once their node is reclaimed
+        noticed_at = time.monotonic()
+        for victim in sorted(set(nodes)):
+            drain(cluster, victim, deadline_s=deadline)
+        driver.wait_for(lambda k=k: len({r["attempt"] for r in preemption_saves(driver)}) > k,
+                        f"a checkpoint saved on notice {k + 1}", timeout=60)
+        assert time.monotonic() - noticed_at < deadline  # it landed before the deadline
+        # At the deadline Ray Train stops the workers and starts them elsewhere; then the node goes.
+        attempt_nodes(driver, k + 2)
+        for victim in sorted(set(nodes)):
+            cluster.remove_node(node_of(cluster, victim))
+        victims.append(set(nodes))
     records = driver.finish()
 
     assert step_losses(records) == fixed_size_losses  # bitwise: the same 2 workers' arithmetic
     record = Storage().read_json(join(driver.run, "run.json"))
-    first, second = record["attempts"][:2]
-    assert first["ended"] == "preemption notice" and first["recomputed_after"] == 0
-    assert first["world_size"] == second["world_size"] == 2 and victim in first["nodes"]
-    assert victim not in second["nodes"] and second["resumed_from_step"] == first["last_step"]
-    assert record["attempts"][-1]["ended"] == "finished" and record["status"] == "finished"
-    assert first["seconds_to_next_step"] > 0
-    notice = next(r for r in records if "preemption_notice" in r)
-    assert notice["preemption_notice"]["deadline_ms"] > 0
-
-
-@pytest.mark.integration
-def test_three_preemptions_spend_no_failure(cluster, tiny_dataset, fixed_size_losses, tmp_path):
-    root = f"s3://raygpt-test/spot-{os.urandom(4).hex()}"
-    driver = Driver(spot_overrides(tiny_dataset, root, "thrice"), cluster.address, tmp_path)  # max_failures: 0
-    for k in range(3):
-        nodes = driver.worker_nodes() if k == 0 else attempt_nodes(driver, k + 1)
-        add_node(cluster)
-        for victim in sorted(set(nodes)):
-            drain(cluster, victim, deadline_s=6)
-        driver.wait_for(lambda k=k: len({r["attempt"] for r in preemption_saves(driver)}) > k,
-                        f"preemption save {k + 1}", timeout=90)
-        attempt_nodes(driver, k + 2)
-        for victim in sorted(set(nodes)):
-            cluster.remove_node(node_of(cluster, victim))
-    records = driver.finish()
-    attempts = Storage().read_json(join(driver.run, "run.json"))["attempts"]
+    attempts = record["attempts"]
     assert [a["ended"] for a in attempts] == ["preemption notice"] * 3 + ["finished"]
-    assert sum(a["recomputed_after"] for a in attempts[:3]) == 0
-    assert step_losses(records) == fixed_size_losses
+    assert [a["recomputed_after"] for a in attempts[:3]] == [0, 0, 0]
+    assert all(a["world_size"] == 2 for a in attempts)
+    for before, after, gone in zip(attempts, attempts[1:], victims):
+        assert gone <= set(before["nodes"]) and not gone & set(after["nodes"])
+        assert after["resumed_from_step"] == before["last_step"] and before["seconds_to_next_step"] > 0
+    assert record["status"] == "finished"
+    assert next(r for r in records if "preemption_notice" in r)["preemption_notice"]["deadline_ms"] > 0
 
 
 def attempt_nodes(driver: Driver, attempt: int) -> list[str]:
@@ -211,3 +198,42 @@ def test_a_resume_that_would_change_the_data_is_refused(ray_local, tiny_dataset)
     # The worker count may change: the same run continues on one worker.
     summary = train(load_spec(None, [*overrides, "train.num_workers=1", "train.stop_at_step=null"]))
     assert summary["status"] == "finished" and summary["final"]["step"] == 8
+
+
+# Longer steps (128 sequences) and fewer: growing back waits for Ray's resource
+# coordinator, which looks at the cluster every 20 s.
+ELASTIC = ("train.num_workers=4", "train.global_batch_tokens=4096", "train.max_steps=36")
+
+
+@pytest.fixture(scope="module")
+def four_worker_run(ray_local, tiny_dataset):
+    """An uninterrupted run on 4 workers: the elastic run's yardstick."""
+    root = f"s3://raygpt-test/spot-{os.urandom(4).hex()}"
+    train(load_spec(None, spot_overrides(tiny_dataset, root, "four", *ELASTIC)))
+    records = read_metrics(join(root, "four"), Storage())
+    return step_losses(records), step_batches(records)
+
+
+@pytest.mark.integration
+def test_an_elastic_run_continues_on_fewer_workers_and_grows_back(cluster, tiny_dataset, four_worker_run, tmp_path):
+    losses, batches = four_worker_run
+    root = f"s3://raygpt-test/spot-{os.urandom(4).hex()}"
+    driver = Driver(spot_overrides(tiny_dataset, root, "elastic", *ELASTIC, "train.num_workers=[2, 4]",
+                                   "train.max_failures=1", "train.elastic_resize_s=2"), cluster.address, tmp_path)
+    nodes = driver.worker_nodes()
+    assert len(nodes) == 4
+    cluster.remove_node(node_of(cluster, nodes[-1]))  # no notice: the node is simply gone
+    shrunk = attempt_nodes(driver, 2)
+    assert len(shrunk) == 2
+    add_node(cluster)  # capacity comes back
+    assert len(attempt_nodes(driver, 3)) == 4
+    records = driver.finish()
+
+    assert step_batches(records) == batches  # the same sequences at every step, on 4, 2 and 4 workers
+    elastic = step_losses(records)
+    assert sorted(elastic) == sorted(losses)
+    worst = max(abs(elastic[s] - losses[s]) / abs(losses[s]) for s in losses)
+    assert worst <= 1e-5, f"max relative difference {worst:.2e}"
+    attempts = Storage().read_json(join(driver.run, "run.json"))["attempts"]
+    assert [a["world_size"] for a in attempts] == [4, 2, 4]
+    assert [a["ended"] for a in attempts] == ["node lost", "resize", "finished"]

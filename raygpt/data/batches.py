@@ -144,6 +144,19 @@ class TrainBatches:
         return [(xy[i:i + micro_batch_size, :-1].contiguous(), xy[i:i + micro_batch_size, 1:].contiguous())
                 for i in range(0, per_worker, micro_batch_size)]
 
+    def share_digest(self, step: int, rank: int, world_size: int, micro_batch_size: int) -> int:
+        """A 40-bit hash per sequence of worker ``rank``'s share of global batch ``step``, summed.
+
+        Summed over all workers it is the same for any worker count (below 2**53, so exact in
+        float64): a record of which sequences made up a step that a resumed or resized run can
+        be checked against.
+        """
+        share = micro_batch_share(self.global_batch_size // micro_batch_size, rank, world_size)
+        ids = self.sequence_ids(step, share.start * micro_batch_size, len(share) * micro_batch_size)
+        mixed = (ids[:, 0].astype(np.uint64) << np.uint64(32)) ^ ids[:, 1].astype(np.uint64)
+        mixed = (mixed * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(24)  # splitmix's multiplier: spreads the bits
+        return int(mixed.sum(dtype=np.uint64))
+
     def _prefetch_after(self, step: int, shard: int) -> None:
         """Start downloading the shard that follows ``shard`` in the epoch order (or the next epoch's first)."""
         epoch = self.epoch_of(step)

@@ -41,8 +41,9 @@ from raygpt.errors import RaygptError
 from raygpt.model import GPT, config_from_spec
 from raygpt.stages import RUN_RECORD_FILE
 from raygpt.storage import Storage, join
+from raygpt.train.attempts import AttemptLog, describe_attempts
 from raygpt.train.loop import train_loop_per_worker
-from raygpt.train.metrics import AttemptLog, MetricsStream, describe_attempts, read_metrics, summarize
+from raygpt.train.metrics import MetricsStream, read_metrics, summarize
 from raygpt.train.plan import TrainPlan, plan_run
 from raygpt.train.progress import ProgressView
 from raygpt.train.runrecord import RunRecord

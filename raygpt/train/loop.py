@@ -67,8 +67,9 @@ def run_loop(w: Worker, attempt_started: float) -> None:
     first_report, first_step_at, noticed = True, None, False
     while w.state.step < plan.stop_step:
         inject_fault(w)
+        digest = w.batches.share_digest(w.state.step, w.rank, w.world_size, plan.micro_batch_size)
         loss, grad_norm = train_step(w, w.state.step)
-        window.add(loss, grad_norm, w.schedule.lr_at(w.state.step))
+        window.add(loss, grad_norm, w.schedule.lr_at(w.state.step), digest)
         w.state.advance(plan.global_batch_tokens)
         step, last = w.state.step, w.state.step == plan.stop_step
         first_step_at = first_step_at or time.time()

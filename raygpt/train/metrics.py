@@ -24,6 +24,7 @@ import torch.distributed as dist
 from raygpt.errors import RaygptError, last_line
 from raygpt.stages import METRICS_FILE
 from raygpt.storage import Storage, join
+from raygpt.train.attempts import AttemptLog
 
 # Dense bf16/fp16 tensor-core peak per GPU (TFLOP/s), for MFU; matched against the device name
 # in order, so the more specific names come first. fp32 (TF32) peaks are half of these.
@@ -74,6 +75,7 @@ class MetricsWindow:
         self.world_size, self.global_batch_tokens = world_size, global_batch_tokens
         self.flops_per_token, self.peak_flops, self.device = flops_per_token, peak_flops, device
         self.losses: list[torch.Tensor] = []
+        self.digests: list[int] = []  # this worker's share of each step's batch digest
         self.first_step = first_step
         self.grad_norm: torch.Tensor | None = None
         self.lr = 0.0
@@ -81,8 +83,9 @@ class MetricsWindow:
         self.excluded_s = 0.0  # validation and checkpoint time: not training throughput
         self.step_time_s: float | None = None  # at the last flush, the mean over workers: the same on every rank
 
-    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> None:
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, batch_digest: int = 0) -> None:
         self.losses.append(loss)
+        self.digests.append(batch_digest)
         self.grad_norm, self.lr = grad_norm, lr
 
     def exclude(self, seconds: float) -> None:
@@ -92,128 +95,28 @@ class MetricsWindow:
         """The record for the steps since the last flush, ending at ``step`` (a collective)."""
         seconds = max(time.perf_counter() - self.started - self.excluded_s, 1e-9)
         # One collective: every worker's part of each step's loss, and the window's seconds.
+        n = len(self.losses)
         sums = torch.cat([torch.stack(self.losses).double(),
-                          torch.tensor([seconds / len(self.losses)], dtype=torch.float64, device=self.device)])
+                          torch.tensor([*self.digests, seconds / n], dtype=torch.float64, device=self.device)])
         if self.world_size > 1:
             dist.all_reduce(sums)
-        values = sums[:-1].tolist()  # each worker's part of a step's loss: their sum is the global batch's
+        values = sums[:n].tolist()  # each worker's part of a step's loss: their sum is the global batch's
+        digests = [int(d) for d in sums[n:2 * n].tolist()]
         self.step_time_s = float(sums[-1]) / self.world_size
         tokens_per_s = len(values) * self.global_batch_tokens / seconds
         achieved = self.flops_per_token * tokens_per_s / self.world_size
         record = {
             "step": step, "tokens": tokens_seen, "loss": sum(values) / len(values),
             "step_losses": {str(self.first_step + i): v for i, v in enumerate(values)},
+            "step_batches": {str(self.first_step + i): d for i, d in enumerate(digests)},
             "lr": self.lr, "grad_norm": float(self.grad_norm), "tokens_per_s": tokens_per_s,
             "mfu": achieved / self.peak_flops if self.peak_flops else None, "time": time.time(),
         }
         if self.device.type == "cuda":
             record["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        self.losses, self.first_step = [], step + 1
+        self.losses, self.digests, self.first_step = [], [], step + 1
         self.started, self.excluded_s = time.perf_counter(), 0.0
         return record
-
-
-class AttemptLog:
-    """Every attempt of a run: the workers Ray Train started (again), the steps they trained,
-    why they ended, what the next attempt trained again, and how long the loss cost.
-
-    An attempt begins with a report that carries ``resumed_from_step`` (the first of a set of
-    workers) and ends when the next one begins, when a worker fails, or when the run ends.
-    ``ended``: ``finished``, ``stopped`` (the session's last step), ``preemption notice`` (it
-    saved on a notice before it went), ``node lost``, ``worker lost``, ``worker error``, or
-    ``resize`` (Ray Train restarted it at another size with no failure).
-    """
-
-    def __init__(self, previous: list[dict[str, Any]] | None = None):
-        self.attempts: list[dict[str, Any]] = [dict(a) for a in previous or []]
-
-    @property
-    def current(self) -> dict[str, Any] | None:
-        return self.attempts[-1] if self.attempts and self.attempts[-1].get("open") else None
-
-    def begin(self, report: dict[str, Any]) -> dict[str, Any]:
-        previous = self.current
-        if previous is not None:
-            self._end(previous, "preemption notice" if previous.get("notice") else "resize",
-                      report.get("attempt_started", time.time()))
-        attempt = {"attempt": len(self.attempts) + 1, "world_size": report.get("world_size"), "nodes": report.get("nodes"),
-                   "resumed_from_step": report["resumed_from_step"], "first_step": report["resumed_from_step"] + 1,
-                   "last_step": report["resumed_from_step"], "started": report.get("attempt_started"),
-                   "first_step_at": report.get("first_step_at"), "open": True}
-        if self.attempts:
-            before = self.attempts[-1]
-            before["recomputed_after"] = max(0, before["last_step"] - attempt["resumed_from_step"])
-            if before.get("ended_at") and attempt["first_step_at"]:
-                before["seconds_to_next_step"] = round(attempt["first_step_at"] - before["ended_at"], 3)
-        self.attempts.append(attempt)
-        return attempt
-
-    def report(self, report: dict[str, Any]) -> None:
-        attempt = self.current
-        if attempt is None:
-            return
-        attempt["last_step"] = max(attempt["last_step"], report["step"])
-        if report.get("checkpoint_reason") == "preemption":
-            attempt["notice"] = True
-
-    def failed(self, error: BaseException | str) -> None:
-        attempt = self.current
-        if attempt is not None:
-            self._end(attempt, "preemption notice" if attempt.get("notice") else failure_kind(error), time.time(),
-                      error=str(error).strip().splitlines()[-1][:300] if str(error).strip() else type(error).__name__)
-
-    def finish(self, status: str) -> None:
-        attempt = self.current
-        if attempt is not None:
-            self._end(attempt, status, time.time())
-
-    @staticmethod
-    def _end(attempt: dict[str, Any], why: str, when: float, error: str | None = None) -> None:
-        attempt.pop("open", None)
-        attempt.update(ended=why, ended_at=when)
-        if error:
-            attempt["error"] = error
-
-
-def failure_kind(error: BaseException | str) -> str:
-    """``node lost``, ``worker lost`` (its process died) or ``worker error`` (an exception)."""
-    text = str(error).lower()
-    names = {cls.__name__ for cls in type(error).__mro__} if isinstance(error, BaseException) else set()
-    if "node" in text and ("died" in text or "dead" in text or "removed" in text):
-        return "node lost"
-    if names & {"RayActorError", "ActorDiedError", "ActorUnavailableError", "WorkerCrashedError"}:
-        return "worker lost"
-    return "worker error"
-
-
-def attempt_segments(attempts: list[dict[str, Any]]) -> list[tuple[int, int, int]]:
-    """(first step, last step, workers) of the trajectory as it stands: each attempt counts up
-    to where the next one resumed; neighbours on the same number of workers merge."""
-    segments: list[tuple[int, int, int]] = []
-    for i, a in enumerate(attempts):
-        last = attempts[i + 1]["resumed_from_step"] if i + 1 < len(attempts) else a["last_step"]
-        first = a["resumed_from_step"] + 1
-        if last < first:
-            continue
-        if segments and segments[-1][2] == a["world_size"] and segments[-1][1] + 1 == first:
-            segments[-1] = (segments[-1][0], last, a["world_size"])
-        else:
-            segments.append((first, last, a["world_size"]))
-    return segments
-
-
-def describe_attempts(attempts: list[dict[str, Any]]) -> str:
-    """'steps 1-412 on 8 workers, 413-980 on 6; 37 steps recomputed, 95 s lost' (or '')."""
-    segments = attempt_segments(attempts)
-    if not segments:
-        return ""
-    parts = [f"{first}-{last} on {n} worker{'s' if n != 1 else ''}" for first, last, n in segments]
-    recomputed = sum(a.get("recomputed_after", 0) for a in attempts)
-    lost = sum(a.get("seconds_to_next_step", 0.0) for a in attempts)
-    text = "steps " + ", ".join(parts)
-    if len(attempts) > 1:
-        text += f"; {len(attempts) - 1} restart(s), {recomputed} step(s) recomputed, {lost:.0f} s from losses to next steps"
-    return text
 
 
 class MetricsStream:
@@ -299,6 +202,11 @@ def read_metrics(run_uri: str, storage: Storage) -> list[dict[str, Any]]:
 def step_losses(records: list[dict[str, Any]]) -> dict[int, float]:
     """Training loss of every step, from the per-step losses each record carries."""
     return {int(step): loss for r in records for step, loss in r.get("step_losses", {}).items()}
+
+
+def step_batches(records: list[dict[str, Any]]) -> dict[int, int]:
+    """The batch digest of every step (``TrainBatches.share_digest`` summed over the workers)."""
+    return {int(step): d for r in records for step, d in r.get("step_batches", {}).items()}
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:

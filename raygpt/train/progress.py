@@ -8,7 +8,7 @@ from typing import Any
 from ray.util.queue import Empty
 from rich.console import Console
 
-from raygpt.train.metrics import describe_attempts
+from raygpt.train.attempts import describe_attempts
 from raygpt.train.plan import TrainPlan
 
 
@@ -83,6 +83,8 @@ class ProgressView:
                         + (f" ({describe_attempts(self.attempts)})" if len(self.attempts) > 1 else ""))
         if "loss" in record:
             self.records.append(record)
+        if self.attempts and "step" in record:
+            self.attempts[-1]["last_step"] = max(self.attempts[-1]["last_step"], record["step"])
         line = self._line(record)
         if self._progress is not None:
             if "loss" in record:

@@ -126,7 +126,7 @@ def agreed_setup(build, world_size: int) -> tuple[Worker | None, str | None]:
 def train_step(w: Worker, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on global batch ``step``; returns this worker's part of the step's
     mean loss (summed over workers, it is the global batch's) and the gradient norm before
-    clipping (both unsynchronised tensors).
+    clipping (both unsynchronised tensors). ``TrainBatches.share_digest`` names the sequences.
 
     The worker computes its share of the step's micro-batches (``micro_batch_share``). Each
     micro-batch's loss counts 1/M of the global batch's and the strategy averages gradients
@@ -158,7 +158,7 @@ def train_step(w: Worker, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     scaler.step(w.optimizer)
     scaler.update()
     w.optimizer.zero_grad(set_to_none=True)
-    return loss_sum * scale, grad_norm.detach()
+    return loss_sum / w.plan.micro_batches, grad_norm.detach()
 
 
 def dropout_seed(seed: int, step: int, micro_batch: int) -> int:

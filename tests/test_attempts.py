@@ -1,0 +1,66 @@
+"""Attempts and saves without Ray: the attempt log a restart-heavy run keeps, and when a worker saves."""
+
+from __future__ import annotations
+
+import torch
+
+from raygpt.train.attempts import AttemptLog, attempt_segments, describe_attempts, failure_kind
+from raygpt.train.saving import SaveSchedule
+
+
+def test_attempts_record_sizes_reasons_recomputation_and_lost_time():
+    log = AttemptLog()
+    log.begin({"resumed_from_step": 0, "world_size": 8, "attempt_started": 100.0, "first_step_at": 110.0})
+    for step in (10, 412, 420):
+        log.report({"step": step})
+    log.failed(RuntimeError("The actor died because its node has died."))
+    log.attempts[-1]["ended_at"] = 500.0
+    log.begin({"resumed_from_step": 412, "world_size": 6, "attempt_started": 520.0, "first_step_at": 560.0})
+    log.report({"step": 980, "checkpoint_reason": "preemption"})
+    log.begin({"resumed_from_step": 980, "world_size": 8, "attempt_started": 900.0, "first_step_at": 930.0})
+    log.report({"step": 6218})
+    log.finish("finished")
+    first, second, third = log.attempts
+    assert (first["ended"], first["recomputed_after"], first["seconds_to_next_step"]) == ("node lost", 8, 60.0)
+    assert (second["ended"], second["recomputed_after"], second["seconds_to_next_step"]) == ("preemption notice", 0, 30.0)
+    assert third["ended"] == "finished" and "open" not in third
+    assert attempt_segments(log.attempts) == [(1, 412, 8), (413, 980, 6), (981, 6218, 8)]
+    assert describe_attempts(log.attempts) == ("steps 1-412 on 8 workers, 413-980 on 6 workers, 981-6218 on 8 workers; "
+                                               "2 restart(s), 8 step(s) recomputed, 90 s from losses to next steps")
+    resumed = AttemptLog(log.attempts)  # a new session continues the list
+    resumed.begin({"resumed_from_step": 6218, "world_size": 8})
+    assert resumed.attempts[-1]["attempt"] == 4
+
+
+def test_failure_kinds():
+    class RayActorError(Exception):
+        pass
+
+    assert failure_kind(RayActorError("the worker died")) == "worker lost"
+    assert failure_kind(ValueError("bad shard")) == "worker error"
+    assert failure_kind("the actor's node has died") == "node lost"
+
+
+def test_saves_by_step_minutes_notice_and_end_with_checks_every_few_seconds():
+    now = [0.0]
+    notices = []
+    checks = []
+
+    def preemption_info():
+        checks.append(len(checks))
+        return notices[0] if notices else None
+
+    saves = SaveSchedule(interval_steps=100, interval_minutes=1.0, check_s=2.0, stop_step=500, world_size=1,
+                         device=torch.device("cpu"), preemption_info=preemption_info, clock=lambda: now[0])
+    assert saves.due(1) is None and len(checks) == 1  # every step until the step time is known
+    saves.observe_step_time(0.5)  # then every 4 steps (2 s)
+    assert [saves.due(s) for s in (2, 3, 4)] == [None, None, None] and len(checks) == 2
+    assert saves.due(100) == "interval"
+    now[0] = 61.0
+    assert saves.due(104) == "minutes"
+    saves.saved()
+    assert saves.due(108) is None
+    notices.append(object())
+    assert saves.due(109) is None and saves.due(112) == "preemption"
+    assert saves.due(113) == "preemption"  # after a notice, every step
+    assert saves.due(500) == "end"
