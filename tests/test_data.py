@@ -443,3 +443,15 @@ def test_a_bounded_cache_never_evicts_a_shard_another_worker_on_the_node_reads(s
         assert not (folder / f".in-use-{dead.stdout.strip()}").exists()
     finally:
         sleeper.kill()
+
+
+def test_a_manifest_whose_split_total_is_not_its_shards_sum_is_refused(prepared, tmp_path):
+    out, manifest = prepared
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    manifest = json.loads(json.dumps(manifest))
+    manifest["splits"]["train"]["tokens"] *= 100  # would plan 100x the steps
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RaygptError, match=r"not a raygpt dataset manifest \(splits.train.tokens is 3000000, but its "
+                                          r"shards hold 30,000 tokens\)"):
+        load_manifest(str(broken), Storage())

@@ -818,3 +818,14 @@ def test_answers_export_in_alpaca_evals_format(tmp_path, server, capsys):
     reference = json.loads((out / "reference_outputs.json").read_text())
     assert reference[1] == {**outputs[1], "output": "Mouse 1 was chased by the cat.", "generator": "reference"}
     assert "alpaca_eval --model_outputs" in capsys.readouterr().out
+
+
+def test_an_unreachable_endpoint_with_a_password_in_its_url_is_named_without_it(tmp_path):
+    write_answers(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spec = make_spec(tmp_path, None, f"judge.base_url=http://judge:s3cret-pw@127.0.0.1:{port}/v1")
+    with pytest.raises(RaygptError, match=rf"judge endpoint http://127.0.0.1:{port}/v1 cannot be reached") as error:
+        run_judge(spec, Storage(), quiet())
+    assert "s3cret-pw" not in str(error.value)

@@ -70,6 +70,10 @@ def manifest_problem(manifest: Any) -> str | None:
             if not (isinstance(shard, dict) and isinstance(shard.get("name"), str)
                     and isinstance(shard.get("tokens"), int) and isinstance(shard.get("sha256"), str)):
                 return f"splits.{split}.shards: every shard needs name, tokens and sha256"
+        listed = sum(shard["tokens"] for shard in shards)
+        if splits[split].get("tokens") != listed:
+            return (f"splits.{split}.tokens is {splits[split].get('tokens')!r}, but its shards hold {listed:,} "
+                    "tokens")
     return None
 
 

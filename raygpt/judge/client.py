@@ -123,7 +123,7 @@ class JudgeEndpoint:
         self._secret = api_key if config.api_key_env else None
         self.client = openai.OpenAI(base_url=config.base_url, api_key=api_key, max_retries=0,
                                     timeout=config.timeout_s)
-        self.where = str(self.client.base_url).rstrip("/")
+        self.where = without_userinfo(str(self.client.base_url).rstrip("/"))  # a URL may carry user:password
 
     # -- preflight --------------------------------------------------------------------------
 
