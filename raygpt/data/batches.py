@@ -116,12 +116,11 @@ class TrainBatches:
             filled, position = filled + n, position + n
         return ids
 
-    def micro_batches(self, step: int, rank: int, world_size: int,
-                      micro_batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Worker ``rank``'s contiguous share of global batch ``step`` (``micro_batch_share``),
-        as micro-batches of (x, y), int64, shape (micro_batch_size, seq_len)."""
-        import torch
-
+    def rows(self, step: int, rank: int, world_size: int, micro_batch_size: int,
+             out: np.ndarray | None = None) -> np.ndarray:
+        """Worker ``rank``'s contiguous share of global batch ``step`` (``micro_batch_share``): uint16 tokens, shape
+        (sequences, seq_len + 1), each row a sequence and its next token. Filled into ``out``
+        when given (a reused, possibly pinned, host buffer of that shape)."""
         if not 0 <= rank < world_size:
             raise RaygptError(f"rank {rank} is not in 0..{world_size - 1}")
         if micro_batch_size < 1 or self.global_batch_size % micro_batch_size:
@@ -135,14 +134,25 @@ class TrainBatches:
         per_worker = len(share) * micro_batch_size
         ids = self.sequence_ids(step, share.start * micro_batch_size, per_worker)
         T = self.seq_len
-        rows = np.empty((per_worker, T + 1), dtype=np.int64)
+        rows = np.empty((per_worker, T + 1), dtype=np.uint16) if out is None else out
+        if rows.shape != (per_worker, T + 1) or rows.dtype != np.uint16:
+            raise ValueError(f"out: expected uint16 of shape {(per_worker, T + 1)}, got {rows.dtype} {rows.shape}")
         for row, (shard, sequence) in enumerate(ids):
             rows[row] = self.cache.tokens("train", int(shard))[sequence * T:sequence * T + T + 1]
         self.cache.release({("train", int(s)) for s in np.unique(ids[:, 0])})
         self._prefetch_after(step, int(ids[-1, 0]))
-        xy = torch.from_numpy(rows)
+        return rows
+
+    def micro_batches(self, step: int, rank: int, world_size: int,
+                      micro_batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``rows`` as ``accum`` micro-batches of (x, y), int64 on the CPU, shape
+        (micro_batch_size, seq_len). Training moves ``rows`` to the device instead
+        (``raygpt.train.step.DeviceBatches``); this is the reference it must equal."""
+        import torch
+
+        xy = torch.from_numpy(self.rows(step, rank, world_size, micro_batch_size).astype(np.int64))
         return [(xy[i:i + micro_batch_size, :-1].contiguous(), xy[i:i + micro_batch_size, 1:].contiguous())
-                for i in range(0, per_worker, micro_batch_size)]
+                for i in range(0, len(xy), micro_batch_size)]
 
     def share_digest(self, step: int, rank: int, world_size: int, micro_batch_size: int) -> int:
         """A 40-bit hash per sequence of worker ``rank``'s share of global batch ``step``, summed.

@@ -173,6 +173,13 @@ class MetricsCallback(UserCallback):
         self.stream.failed(error, rank)
 
 
+def compile_cache_env() -> dict[str, str]:
+    """The driver's ``TORCHINDUCTOR_CACHE_DIR``, when set, for the workers; otherwise each
+    worker keeps its compiled kernels in ``~/.cache/raygpt/inductor`` on its node
+    (``raygpt.train.step.persistent_compile_cache``)."""
+    return {k: os.environ[k] for k in ("TORCHINDUCTOR_CACHE_DIR",) if k in os.environ}
+
+
 def train(spec: RunSpec, address: str | None = None, num_cpus: int | None = None, console=None) -> dict[str, Any]:
     """Check, launch and follow a training run; returns its summary (the final run record)."""
     storage = Storage.from_config(spec.storage)
@@ -213,7 +220,7 @@ def train(spec: RunSpec, address: str | None = None, num_cpus: int | None = None
     resources = {"CPU": spec.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec, "plan": plan, "env": forwarded_env()},
+        train_loop_config={"spec": spec, "plan": plan, "env": {**forwarded_env(), **compile_cache_env()}},
         scaling_config=ScalingConfig(
             num_workers=(plan.min_workers, plan.num_workers) if plan.elastic else plan.num_workers, use_gpu=use_gpu,
             resources_per_worker=resources,
@@ -260,6 +267,11 @@ def train(spec: RunSpec, address: str | None = None, num_cpus: int | None = None
     records = read_metrics(run_uri, storage)
     final = summarize(records)
     final["session_s"] = time.time() - begun
+    if final.get("tokens") is not None:
+        # Everything in: worker start, data download, compile warm-up, validation, checkpoint
+        # stalls, restarts; ``tokens_per_s`` beside it is the training steps' alone.
+        trained = final["tokens"] - (resume_state["tokens_seen"] if resume_state else 0)
+        final["wall_tokens_per_s"] = trained / final["session_s"]
     devices = next((r["devices"] for r in records if "devices" in r), None)
     if devices:
         record.record["hardware"]["devices"] = devices

@@ -24,7 +24,7 @@ from raygpt.cluster import quiet_report_logs
 from raygpt.storage import Storage, join
 from raygpt.train.metrics import MetricsWindow, device_name
 from raygpt.train.saving import SaveSchedule
-from raygpt.train.step import Worker, agreed_setup, due, save_checkpoint, set_up_worker, train_step, validation_loss
+from raygpt.train.step import Worker, agreed_setup, due, set_up_worker, start_checkpoint, train_step, validation_loss
 from raygpt.weights.checkpoint import checkpoint_dir_name
 
 
@@ -97,7 +97,8 @@ def run_loop(w: Worker, attempt_started: float) -> None:
         if first_report:
             metrics.update(resumed_from_step=w.resumed_from_step, device=device_name(w.device),
                            node=ray.get_runtime_context().get_node_id(), precision=w.precision.name,
-                           world_size=w.world_size, attempt_started=attempt_started, first_step_at=first_step_at)
+                           world_size=w.world_size, attempt_started=attempt_started, first_step_at=first_step_at,
+                           setup_s=w.setup_s, compile=w.spec.train.compile)
             first_report = False
         stall = report(w, metrics, save=reason is not None, durable=reason == "preemption")
         if stall is not None:
@@ -108,27 +109,42 @@ def run_loop(w: Worker, attempt_started: float) -> None:
 
 def report(w: Worker, metrics: dict[str, Any], save: bool, durable: bool = False) -> float | None:
     """``ray.train.report`` the metrics and, with ``save``, a checkpoint; returns the seconds the
-    save stalled the loop (local write + report call) when saving.
+    save stalled the loop when saving.
 
-    Every report of an async run is async: Ray keeps reports in order, so a synchronous one
-    would wait for the previous checkpoint's upload. ``durable``: return only once the
-    checkpoint is uploaded and registered (after a preemption notice: the node may go any
-    moment, and the next attempt must find this step's checkpoint).
+    The loop waits only for the state's copy into host memory (and for the previous
+    checkpoint's write, when it is still running): the files are written in the background,
+    and the report that carries them, with every report after it, reaches Ray once every
+    rank's files are complete (``Reports``): at the first report that finds them so, at the
+    next save, or at the end of the session. Every report of an async run is async: Ray keeps
+    reports in order, so a synchronous one would wait for the previous checkpoint's upload.
+    ``durable``: return only once the checkpoint is written, uploaded and registered (after a
+    preemption notice: the node may go any moment, and the next attempt must find this step).
     """
     mode = (CheckpointUploadMode.ASYNC if w.spec.checkpoint.async_upload and not durable
             else CheckpointUploadMode.SYNC)
+
+    def send(report_metrics: dict[str, Any], checkpoint: tuple[str, str] | None) -> None:
+        if checkpoint is None:
+            ray.train.report(report_metrics, checkpoint_upload_mode=mode)
+            return
+        local, name = checkpoint
+        ray.train.report(report_metrics, checkpoint=ray.train.Checkpoint.from_directory(local),
+                         checkpoint_dir_name=name, checkpoint_upload_mode=mode)
+        if mode is CheckpointUploadMode.SYNC:  # ASYNC deletes the local folder once uploaded
+            shutil.rmtree(local, ignore_errors=True)
+
     if not save:
-        ray.train.report(metrics, checkpoint_upload_mode=mode)
+        w.reports.add(metrics)
+        w.reports.release(send, wait=w.state.step == w.plan.stop_step)
         return None
     started = time.perf_counter()
+    w.reports.release(send, wait=True)
     name = checkpoint_dir_name(w.state.step)
     local = tempfile.mkdtemp(prefix=f"raygpt-{name}-")
-    save_checkpoint(w, local)
-    # ASYNC deletes the local folder once uploaded; SYNC leaves it to us.
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local), checkpoint_dir_name=name,
-                     checkpoint_upload_mode=mode)
-    if mode is CheckpointUploadMode.SYNC:
-        shutil.rmtree(local, ignore_errors=True)
+    start_checkpoint(w, local)
+    w.reports.add(metrics, (local, name))
+    if durable:
+        w.reports.release(send, wait=True)
     return time.perf_counter() - started
 
 

@@ -3,17 +3,22 @@
 ``set_up_worker`` builds the model, optimizer, schedule, batches, trainer state and RNG state,
 restores them from a local checkpoint folder when given one, and wraps the model for the
 parallel strategy. ``train_step`` is one optimizer step (micro-batches, accumulation,
-clipping, optimizer); ``save_checkpoint`` writes this rank's part of a checkpoint. The Ray
-Train loop (``raygpt.train.loop``) and the Ray-free GPU check (``benchmarks/gpu_check.py``)
-both run exactly these.
+clipping, optimizer). ``start_checkpoint`` saves this rank's part of a checkpoint without a
+stall: the loop waits only for a copy of the state into host memory, the files are written
+in the background, and ``Reports`` holds back the report that carries them (and every report
+after it) until every rank's files are complete. The Ray Train loop (``raygpt.train.loop``)
+and the Ray-free GPU check (``benchmarks/gpu_check.py``) both run exactly these.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -30,7 +35,55 @@ from raygpt.train.metrics import peak_flops
 from raygpt.train.parallel import ParallelStrategy, get_strategy
 from raygpt.train.plan import TrainPlan
 from raygpt.train.schedule import Schedule, build_schedule
-from raygpt.weights.checkpoint import load_training_checkpoint, save_training_checkpoint
+from raygpt.weights.checkpoint import CheckpointWriter, load_training_checkpoint, snapshot_training_state
+
+
+class DeviceBatches:
+    """This worker's micro-batches of each global batch, on its device.
+
+    A step's rows of uint16 tokens are gathered into a reused host buffer (pinned on CUDA),
+    copied to the device without blocking and widened to int64 there: a quarter of the int64
+    bytes cross the bus, and the host goes on to queue the step's kernels. On CUDA two buffers
+    alternate, and one is refilled only once its previous copy has finished (an event), so the
+    host may run a step ahead of the GPU.
+    """
+
+    def __init__(self, batches: TrainBatches, rank: int, world_size: int, micro_batch_size: int,
+                 device: torch.device):
+        self.batches, self.rank, self.world_size = batches, rank, world_size
+        self.micro_batch_size, self.device = micro_batch_size, device
+        share = micro_batch_share(batches.global_batch_size // micro_batch_size, rank, world_size)
+        shape = (max(1, len(share)) * micro_batch_size, batches.seq_len + 1)
+        pinned = device.type == "cuda"
+        self._buffers = [torch.empty(shape, dtype=torch.uint16, pin_memory=pinned) for _ in range(2 if pinned else 1)]
+        self._copied: list[Any] = [None] * len(self._buffers)
+        self._next = 0
+
+    def micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Global batch ``step``'s share of this worker: (x, y) int64 on the device, each
+        (micro_batch_size, seq_len)."""
+        i, self._next = self._next, (self._next + 1) % len(self._buffers)
+        if self._copied[i] is not None:
+            self._copied[i].synchronize()
+        buffer = self._buffers[i]
+        self.batches.rows(step, self.rank, self.world_size, self.micro_batch_size, out=buffer.numpy())
+        rows = buffer.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            self._copied[i] = torch.cuda.Event()
+            self._copied[i].record()
+        rows = rows.long()
+        m = self.micro_batch_size
+        return [(rows[j:j + m, :-1].contiguous(), rows[j:j + m, 1:].contiguous()) for j in range(0, len(rows), m)]
+
+
+def persistent_compile_cache() -> str:
+    """Point inductor's caches (compiled kernels, FX graphs, AOTAutograd, Triton) at
+    ``~/.cache/raygpt/inductor`` unless ``TORCHINDUCTOR_CACHE_DIR`` says where; returns the
+    folder. Torch's default is under ``/tmp``, which container restarts and tmp cleaners
+    empty; here a restarted worker on the node loads its kernels instead of compiling them
+    for a minute."""
+    default = Path.home() / ".cache" / "raygpt" / "inductor"
+    return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default))
 
 
 @dataclass
@@ -53,18 +106,30 @@ class Worker:
     batches: TrainBatches
     state: TrainerState
     rng: RngState
+    device_batches: DeviceBatches
+    writer: CheckpointWriter
+    """Writes checkpoints in the background; its host buffers are reused between saves."""
+    reports: Reports
     resumed_from_step: int
     flops_per_token: int
     peak_flops: float | None
+    setup_s: float
+    """Seconds ``set_up_worker`` took: model, data, checkpoint load, wrapping (compilation
+    itself happens in the first steps)."""
 
     def close(self) -> None:
-        self.batches.close()
+        """Let a checkpoint being written finish, then stop the background threads."""
+        try:
+            self.writer.close()
+        finally:
+            self.batches.close()
 
 
 def set_up_worker(spec: RunSpec, plan: TrainPlan, rank: int, world_size: int, device: torch.device,
                   checkpoint_dir: str | Path | None = None, checkpoint_name: str | None = None) -> Worker:
     """Build every component, then restore them from ``checkpoint_dir`` (a local checkpoint
     folder, ``checkpoint_name`` for messages) when there is one."""
+    started = time.perf_counter()
     t = spec.train
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -89,17 +154,23 @@ def set_up_worker(spec: RunSpec, plan: TrainPlan, rank: int, world_size: int, de
             if not found_rng:  # resumed on more workers than saved: derive this rank's generators
                 seed_everything(t.seed + 1 + rank + 1_000_003 * state.step)
         strategy = get_strategy(t.parallel)
+        if t.compile:
+            persistent_compile_cache()
         training_model = strategy.wrap(model, device, world_size, t.compile)
         if state.step < plan.stop_step:
             # Fetch the first batch now: a missing or corrupt shard fails setup, not step 1000.
-            batches.micro_batches(state.step, rank, world_size, plan.micro_batch_size)
+            batches.rows(state.step, rank, world_size, plan.micro_batch_size)
+        device_batches = DeviceBatches(batches, rank, world_size, plan.micro_batch_size, device)
     except BaseException:
         batches.close()
         raise
+    writer = CheckpointWriter()
     return Worker(spec=spec, plan=plan, rank=rank, world_size=world_size, device=device, precision=precision,
                   model=model, training_model=training_model, strategy=strategy, optimizer=optimizer,
-                  schedule=schedule, batches=batches, state=state, rng=rng, resumed_from_step=state.step,
-                  flops_per_token=model.flops_per_token(plan.seq_len), peak_flops=peak_flops(device, precision.name))
+                  schedule=schedule, batches=batches, state=state, rng=rng, device_batches=device_batches,
+                  writer=writer, reports=Reports(writer, world_size, device), resumed_from_step=state.step,
+                  flops_per_token=model.flops_per_token(plan.seq_len), peak_flops=peak_flops(device, precision.name),
+                  setup_s=time.perf_counter() - started)
 
 
 def agreed_setup(build, world_size: int) -> tuple[Worker | None, str | None]:
@@ -139,12 +210,11 @@ def train_step(w: Worker, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     for group in w.optimizer.param_groups:
         group["lr"] = lr
     share = micro_batch_share(w.plan.micro_batches, w.rank, w.world_size)
-    micro_batches = w.batches.micro_batches(step, w.rank, w.world_size, w.plan.micro_batch_size)
+    micro_batches = w.device_batches.micro_batches(step)
     scale = w.world_size / w.plan.micro_batches
     scaler = w.precision.scaler
     loss_sum = torch.zeros((), device=w.device)
     for i, (index, (x, y)) in enumerate(zip(share, micro_batches)):
-        x, y = x.to(w.device, non_blocking=True), y.to(w.device, non_blocking=True)
         last = i == len(micro_batches) - 1
         torch.manual_seed(dropout_seed(w.spec.train.seed, step, index))
         with contextlib.nullcontext() if last else w.strategy.no_sync(w.training_model, w.world_size):
@@ -181,9 +251,61 @@ def validation_loss(w: Worker) -> float | None:
     return float(sums[0] / sums[1]) if sums[1] > 0 else None
 
 
+def start_checkpoint(w: Worker, directory: str | Path) -> None:
+    """Save this rank's part of a checkpoint of the worker's state into a local folder: the
+    state is copied to host memory now, the files are written in the background. Waits first
+    for the previous save, whose host buffers the copy reuses."""
+    w.writer.wait()
+    w.writer.start(snapshot_training_state(w.rank, model=w.model, optimizer=w.optimizer, trainer=w.state,
+                                           rng=w.rng, host=w.writer.host), directory)
+
+
 def save_checkpoint(w: Worker, directory: str | Path) -> None:
-    """Write this rank's part of a checkpoint of the worker's state into a local folder."""
-    save_training_checkpoint(directory, w.rank, model=w.model, optimizer=w.optimizer, trainer=w.state, rng=w.rng)
+    """``start_checkpoint``, then wait until the files are written."""
+    start_checkpoint(w, directory)
+    w.writer.wait()
+
+
+class Reports:
+    """The worker's reports, sent in order through ``send(metrics, checkpoint)``.
+
+    A report that carries a checkpoint being written in the background, and every report
+    after it (so that the order stays), is held back until every rank's files are complete:
+    ``release`` sends them when all ranks' writes have finished, which the ranks agree on in
+    one collective, or waits for that with ``wait``. Every rank therefore sends the same
+    reports at the same calls, as Ray Train requires.
+    """
+
+    def __init__(self, writer: CheckpointWriter, world_size: int, device: torch.device):
+        self.writer, self.world_size, self.device = writer, world_size, device
+        self.held: list[tuple[dict[str, Any], Any]] = []
+
+    def add(self, metrics: dict[str, Any], checkpoint: Any = None) -> None:
+        """Queue a report; one with a ``checkpoint`` (whatever ``send`` makes of it: a folder
+        name, say) waits for the writer's current write."""
+        self.held.append((metrics, checkpoint))
+
+    def release(self, send: Callable[[dict[str, Any], Any], None], wait: bool = False) -> None:
+        """Send the queued reports when the checkpoint among them is written on every rank, or
+        after waiting for it (``wait``); without a checkpoint among them, send them now."""
+        if any(checkpoint is not None for _, checkpoint in self.held):
+            if wait:
+                self.writer.wait()
+            elif not self._written_everywhere():
+                return
+            else:
+                self.writer.wait()  # done: this only collects its outcome (an error is raised here)
+        held, self.held = self.held, []
+        for metrics, checkpoint in held:
+            send(metrics, checkpoint)
+
+    def _written_everywhere(self) -> bool:
+        done = self.writer.done()
+        if self.world_size == 1:
+            return done
+        flag = torch.tensor([1.0 if done else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
 
 
 def due(step: int, interval: int) -> bool:

@@ -11,6 +11,12 @@ merges the ranks' folders into one ``checkpoint_<step>/`` under the run::
     trainer_state.json  step, tokens seen, data cursor, LR schedule, grad scaler, run spec,
                         and the size of each file above (rank 0, written last)
 
+A save is two halves: ``snapshot_training_state`` copies every component's state into host
+memory (into reused buffers, pinned on CUDA: the only part a training loop has to wait for),
+and ``write_training_snapshot`` writes those copies into the folder, which ``CheckpointWriter``
+does in a background thread. A process killed mid-write leaves a folder without
+``trainer_state.json``, which ``latest_checkpoint`` passes over.
+
 A model-only folder (``save_model_dir``, used for fine-tuned models) holds just ``model.pt``
 and ``model_config.json``.
 """
@@ -19,7 +25,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, fields
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -63,25 +70,143 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> Any: ...
 
 
-def save_training_checkpoint(directory: str | Path, rank: int, *, model: nn.Module, optimizer: Stateful,
-                             trainer: Stateful, rng: Stateful) -> None:
-    """Write this rank's part of a training checkpoint into the local folder ``directory``.
+@dataclass
+class TrainingSnapshot:
+    """One rank's part of a training checkpoint, in host memory: what its files will hold.
+    The model, optimizer, config and trainer state are rank 0's only (None elsewhere)."""
 
-    ``trainer.state_dict()`` must be JSON-serialisable (step, tokens, schedule, data cursor);
-    it is written last, with the sizes of the tensor files, so a reader can tell a complete
-    checkpoint from one cut off mid-upload.
+    rank: int
+    rng: dict[str, Any]
+    model: dict[str, torch.Tensor] | None = None
+    optimizer: dict[str, Any] | None = None
+    model_config: dict[str, Any] | None = None
+    trainer: dict[str, Any] | None = None
+
+
+class HostCopies:
+    """Host-memory copies of device tensors, kept between saves so a save allocates (and pins)
+    nothing after the first.
+
+    On CUDA the buffers are pinned and filled by non-blocking copies, then one stream
+    synchronisation; elsewhere they are plain copies. Tensors that share memory (tied weights)
+    share one copy, so the file holds them once, as ``torch.save`` of the originals would.
+    """
+
+    def __init__(self):
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def copy(self, tree: Any) -> Any:
+        """``tree`` (nested dicts, lists and tuples) with every tensor replaced by its host copy."""
+        shared: dict[tuple, torch.Tensor] = {}
+        devices: set[torch.device] = set()
+        copied = self._copy(tree, "", shared, devices)
+        for device in devices:
+            torch.cuda.current_stream(device).synchronize()
+        return copied
+
+    def _copy(self, value: Any, path: str, shared: dict, devices: set) -> Any:
+        if isinstance(value, torch.Tensor):
+            key = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape),
+                   value.stride(), value.dtype) if value.numel() else None
+            if key in shared:
+                return shared[key]
+            value = value.detach()
+            buffer = self._buffers.get(path)
+            if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
+                buffer = torch.empty(value.shape, dtype=value.dtype, pin_memory=value.device.type == "cuda")
+                self._buffers[path] = buffer
+            buffer.copy_(value, non_blocking=value.device.type == "cuda")
+            if value.device.type == "cuda":
+                devices.add(value.device)
+            if key is not None:
+                shared[key] = buffer
+            return buffer
+        if isinstance(value, dict):
+            return {k: self._copy(v, f"{path}/{k}", shared, devices) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._copy(v, f"{path}/{i}", shared, devices) for i, v in enumerate(value))
+        return value
+
+
+def snapshot_training_state(rank: int, *, model: nn.Module, optimizer: Stateful, trainer: Stateful,
+                            rng: Stateful, host: HostCopies | None = None) -> TrainingSnapshot:
+    """This rank's part of a checkpoint, copied to host memory (``host`` keeps the buffers
+    between saves): once it returns, training may change the live state."""
+    snapshot = TrainingSnapshot(rank=rank, rng=rng.state_dict())
+    if rank == 0:
+        host = host or HostCopies()
+        states = host.copy({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+        snapshot.model, snapshot.optimizer = states["model"], states["optimizer"]
+        snapshot.model_config = asdict(model.config)
+        snapshot.trainer = json.loads(json.dumps(trainer.state_dict()))  # a copy, and JSON-safe now
+    return snapshot
+
+
+def write_training_snapshot(snapshot: TrainingSnapshot, directory: str | Path) -> None:
+    """Write a snapshot's files into the local folder ``directory``.
+
+    ``trainer_state.json`` goes last (atomically, with the sizes of the tensor files), so a
+    reader can tell a complete checkpoint from one cut off mid-write or mid-upload; an old one
+    is removed first, so a folder being rewritten never looks complete.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    torch.save(rng.state_dict(), directory / rng_file(rank))
-    if rank != 0:
+    (directory / TRAINER_STATE_FILE).unlink(missing_ok=True)
+    torch.save(snapshot.rng, directory / rng_file(snapshot.rank))
+    if snapshot.rank != 0:
         return
-    torch.save(model.state_dict(), directory / MODEL_FILE)
-    torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
-    (directory / MODEL_CONFIG_FILE).write_text(json.dumps(asdict(model.config), indent=2) + "\n")
-    state = dict(trainer.state_dict())
+    torch.save(snapshot.model, directory / MODEL_FILE)
+    torch.save(snapshot.optimizer, directory / OPTIMIZER_FILE)
+    (directory / MODEL_CONFIG_FILE).write_text(json.dumps(snapshot.model_config, indent=2) + "\n")
+    state = dict(snapshot.trainer)
     state["files"] = {name: (directory / name).stat().st_size for name in (MODEL_FILE, OPTIMIZER_FILE)}
-    (directory / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    write_local_atomically(directory / TRAINER_STATE_FILE,
+                           lambda tmp: tmp.write_text(json.dumps(state, indent=2) + "\n"))
+
+
+def save_training_checkpoint(directory: str | Path, rank: int, *, model: nn.Module, optimizer: Stateful,
+                             trainer: Stateful, rng: Stateful) -> None:
+    """Write this rank's part of a training checkpoint into the local folder ``directory``, now.
+
+    ``trainer.state_dict()`` must be JSON-serialisable (step, tokens, schedule, data cursor).
+    """
+    write_training_snapshot(snapshot_training_state(rank, model=model, optimizer=optimizer, trainer=trainer,
+                                                    rng=rng), directory)
+
+
+class CheckpointWriter:
+    """Writes snapshots in a background thread, one at a time, so a training loop waits only
+    for ``snapshot_training_state``. ``host`` holds the reused buffers: a new snapshot must wait
+    for the previous write (``wait``), which reads them."""
+
+    def __init__(self):
+        self.host = HostCopies()
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="raygpt-checkpoint")
+        self._writing: Future | None = None
+
+    def start(self, snapshot: TrainingSnapshot, directory: str | Path) -> None:
+        """Write ``snapshot`` into ``directory`` in the background."""
+        if self._writing is not None and not self._writing.done():
+            raise RuntimeError("CheckpointWriter.start: the previous write is still running; wait() first")
+        self._writing = self._thread.submit(write_training_snapshot, snapshot, directory)
+
+    def busy(self) -> bool:
+        """Whether a write has been started and not yet waited for."""
+        return self._writing is not None
+
+    def done(self) -> bool:
+        """Whether the last write has finished (or none was started)."""
+        return self._writing is None or self._writing.done()
+
+    def wait(self) -> None:
+        """Wait for the last write; raises what it raised (a full disk, say)."""
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            writing.result()
+
+    def close(self) -> None:
+        """Let a running write finish, then stop the thread."""
+        self._thread.shutdown(wait=True)
 
 
 def load_training_checkpoint(directory: str | Path, rank: int, *, model: nn.Module, optimizer: Stateful,
