@@ -16,7 +16,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from raygpt.errors import RaygptError
-from raygpt.tokenizer import EOT_ID, VOCAB_SIZE
+
+# GPT-2's BPE (tiktoken's "gpt2"): its vocabulary size and the id of <|endoftext|>. Written out
+# here rather than imported from raygpt.tokenizer, so that the model does not load tiktoken.
+VOCAB_SIZE = 50257
+EOT_ID = 50256
 
 
 @dataclass

@@ -1,5 +1,7 @@
 """Model: parameter counts of the presets, shapes, loss masking, and KV-cached batched generation."""
 
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -85,3 +87,9 @@ def test_generation_stops_at_eos_and_samples_reproducibly():
     a = model.generate([[5, 6]], 8, temperature=1.0, top_k=5, eos_id=None, generator=g1)
     b = model.generate([[5, 6]], 8, temperature=1.0, top_k=5, eos_id=None, generator=g2)
     assert a == b and len(a[0]) == 8
+
+
+def test_model_imports_neither_the_tokenizer_nor_the_cluster_stack():
+    code = "import sys, raygpt.model; print(' '.join(sorted(sys.modules)))"
+    loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
+    assert not loaded & {"raygpt.tokenizer", "tiktoken", "ray", "boto3", "rich", "raygpt.storage"}
