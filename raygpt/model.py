@@ -16,7 +16,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from raygpt.errors import RaygptError
-from raygpt.tokenizer import EOT_ID, VOCAB_SIZE
+
+# GPT-2's BPE (tiktoken's "gpt2"): its vocabulary size and the id of <|endoftext|>. Written out
+# here rather than imported from raygpt.tokenizer, so that the model does not load tiktoken.
+VOCAB_SIZE = 50257
+EOT_ID = 50256
+IGNORE_INDEX = -100  # a target that counts for nothing, as in F.cross_entropy
+# Rows of the loss at a time: one chunk's float32 logits live at once (0.8 GB at GPT-2's vocabulary).
+LOSS_CHUNK_ROWS = 4096
 
 
 @dataclass
@@ -133,6 +140,61 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def chunked_cross_entropy(hidden, weight, targets, vocab_size: int | None = None,
+                          chunk_size: int = LOSS_CHUNK_ROWS) -> torch.Tensor:
+    """``F.cross_entropy(hidden @ weight.T, targets)``, the mean over targets that are not -100,
+    without the (N, V) logits: rows go ``chunk_size`` at a time, each chunk's logits made in the
+    matmul dtype (autocast's) and upcast to float32 for the softmax. hidden (N, C), weight
+    (V, C), targets (N,). Logit columns from ``vocab_size`` on (a padded head's) are -inf."""
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, vocab_size, chunk_size)
+    return _linear_cross_entropy(hidden, weight, targets, vocab_size, chunk_size, with_grads=False)[0]
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Computes the gradients in the forward pass, chunk by chunk, while each chunk's softmax is
+    at hand; backward only scales them. Recomputing each chunk in backward (torch.utils.checkpoint)
+    would cost a fourth head matmul: a quarter more step time at small widths, where the head
+    dominates. The price: d loss/d weight (one head's size) is held from forward to backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, vocab_size, chunk_size):
+        loss, grad_hidden, grad_weight = _linear_cross_entropy(hidden, weight, targets, vocab_size, chunk_size, True)
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None
+
+
+def _linear_cross_entropy(hidden, weight, targets, vocab_size, chunk_size, with_grads: bool):
+    """(loss, d loss/d hidden, d loss/d weight); the gradients are None unless ``with_grads``."""
+    valid = targets != IGNORE_INDEX  # (N,)
+    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_hidden = torch.empty_like(hidden) if with_grads else None
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if with_grads else None  # summed in float32
+    for start in range(0, hidden.size(0), chunk_size):
+        rows = slice(start, start + chunk_size)
+        h, t, keep = hidden[rows], targets[rows].clamp(min=0), valid[rows]  # (n, C), (n,), (n,)
+        logits = F.linear(h, weight)  # (n, V)
+        matmul_dtype, logits = logits.dtype, logits.float()
+        logits[:, vocab_size or weight.size(0):] = float("-inf")
+        lse = logits.logsumexp(dim=1)  # (n,)
+        loss += ((lse - logits.gather(1, t[:, None]).squeeze(1)) * keep).sum()
+        if with_grads:  # d(lse - logit[t]) / d logits = softmax - one_hot(t); nothing for ignored rows
+            grad_logits = logits.sub_(lse[:, None]).exp_()
+            grad_logits[torch.arange(len(t), device=t.device), t] -= 1
+            grad_logits = grad_logits.mul_(keep[:, None]).to(matmul_dtype)
+            grad_hidden[rows] = grad_logits @ weight
+            grad_weight += grad_logits.t() @ h
+    count = valid.sum()  # a tensor, so no host sync
+    if not with_grads:
+        return loss / count, None, None
+    return loss / count, grad_hidden / count, grad_weight / count
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -180,8 +242,9 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, *, caches: list[KVCache] | None = None, cache_start: int = 0,
                 positions=None, mask=None):
-        """Logits (B, T, vocab) and, with ``targets``, the mean cross-entropy over targets that
-        are not -100. ``caches``/``positions``/``mask`` serve incremental decoding."""
+        """``(logits, None)`` without ``targets``, logits (B, T, vocab_size); with them,
+        ``(None, loss)``: the mean cross-entropy over targets that are not -100, for which no
+        (B, T, vocab) tensor is made. ``caches``/``positions``/``mask`` serve incremental decoding."""
         B, T = idx.size()
         if T > self.config.context_length:
             raise ValueError(f"sequence of {T} tokens exceeds the context length {self.config.context_length}")
@@ -192,13 +255,13 @@ class GPT(nn.Module):
         x = self.transformer.drop(tok_emb + pos_emb)
         for i, block in enumerate(self.transformer.h):
             x = block(x, caches[i] if caches else None, cache_start, mask)
-        x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, vocab)
-        loss = None
+        x = self.transformer.ln_f(x)  # (B, T, n_embd)
         if targets is not None:
-            # autocast runs cross_entropy in float32 by itself; no full-size upcast copy of the logits here
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+            # Full float32 logits would be the largest tensor of the step (3.3 GB for 16 x 1024 tokens).
+            loss = chunked_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
+                                         self.config.vocab_size)
+            return None, loss
+        return self.lm_head(x), None  # (B, T, vocab)
 
     def configure_optimizer(self, lr: float, weight_decay: float, betas: tuple[float, float],
                             device_type: str) -> torch.optim.AdamW:

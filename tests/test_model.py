@@ -1,13 +1,17 @@
-"""Model: parameter counts of the presets, shapes, loss masking, and KV-cached batched generation."""
+"""Model: parameter counts of the presets, shapes, loss masking, KV-cached batched generation, the
+chunked loss against plain cross-entropy (eager and compiled)."""
 
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from raygpt.config import ModelConfig
 from raygpt.errors import RaygptError
-from raygpt.model import GPT, PRESETS, config_from_spec
+from raygpt.model import GPT, PRESETS, chunked_cross_entropy, config_from_spec
 
 
 def test_gpt2_small_parameter_counts():
@@ -32,7 +36,9 @@ def test_forward_shapes_and_ignored_targets():
     torch.manual_seed(0)
     model = GPT(PRESETS["tiny"])
     idx = torch.randint(0, 50257, (3, 16))
-    logits, loss = model(idx, idx)
+    logits, _ = model(idx)
+    no_logits, loss = model(idx, idx)  # with targets only the loss: no (B, T, vocab) tensor is kept
+    assert no_logits is None
     assert logits.shape == (3, 16, 50257)
     # A target of -100 contributes nothing: masking half the targets equals the loss on the rest.
     masked = idx.clone()
@@ -85,3 +91,61 @@ def test_generation_stops_at_eos_and_samples_reproducibly():
     a = model.generate([[5, 6]], 8, temperature=1.0, top_k=5, eos_id=None, generator=g1)
     b = model.generate([[5, 6]], 8, temperature=1.0, top_k=5, eos_id=None, generator=g2)
     assert a == b and len(a[0]) == 8
+
+
+# ---------------------------------------------------------------------------------------------
+# The chunked loss
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 12, 36, 100])  # 36 rows: 7 does not divide them, 100 is one chunk
+def test_chunked_cross_entropy_matches_full_logits_loss_and_grads(chunk_size):
+    torch.manual_seed(0)
+    hidden = torch.randn(36, 16, requires_grad=True)
+    weight = torch.randn(512, 16, requires_grad=True)  # 500 tokens padded to 512 rows
+    targets = torch.randint(0, 500, (36,))
+    targets[::4] = -100
+    expected = F.cross_entropy((hidden @ weight.t())[:, :500], targets)
+    expected_grads = torch.autograd.grad(expected, (hidden, weight))
+    loss = chunked_cross_entropy(hidden, weight, targets, vocab_size=500, chunk_size=chunk_size)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    torch.testing.assert_close(loss, expected, rtol=0, atol=1e-5)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-5)
+    assert not grads[1][500:].any()  # the padding rows are never predicted, so never pushed
+    with torch.no_grad():
+        torch.testing.assert_close(chunked_cross_entropy(hidden, weight, targets, 500, chunk_size), expected.detach())
+
+
+def test_model_loss_and_grads_equal_cross_entropy_of_its_logits():
+    torch.manual_seed(0)
+    model = GPT(replace(PRESETS["tiny"], tie_weights=True))
+    idx = torch.randint(0, 50257, (2, 12))
+    targets = idx.roll(-1, dims=1)
+    targets[1, 5:] = -100
+    logits, _ = model(idx)
+    expected = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    expected_grads = torch.autograd.grad(expected, list(model.parameters()))
+    _, loss = model(idx, targets)
+    torch.testing.assert_close(loss, expected, rtol=0, atol=1e-5)
+    for grad, expected_grad in zip(torch.autograd.grad(loss, list(model.parameters())), expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-5)
+
+
+def test_compiled_model_matches_eager_loss_and_grads():
+    torch.manual_seed(0)
+    model = GPT(replace(PRESETS["tiny"], n_layer=1))
+    idx = torch.randint(0, 50257, (2, 8))
+    targets = idx.roll(-1, dims=1)
+    targets[0, :3] = -100
+    _, eager = model(idx, targets)
+    eager_grads = torch.autograd.grad(eager, list(model.parameters()))
+    _, compiled = torch.compile(model, fullgraph=True)(idx, targets)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+    for grad, eager_grad in zip(torch.autograd.grad(compiled, list(model.parameters())), eager_grads):
+        torch.testing.assert_close(grad, eager_grad, rtol=0, atol=1e-5)
+
+
+def test_model_imports_neither_the_tokenizer_nor_the_cluster_stack():
+    code = "import sys, raygpt.model; print(' '.join(sorted(sys.modules)))"
+    loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
+    assert not loaded & {"raygpt.tokenizer", "tiktoken", "ray", "boto3", "rich", "raygpt.storage"}
