@@ -33,7 +33,8 @@ from ray.train.torch import TorchTrainer
 from ray.util.queue import Queue
 
 from raygpt.cluster import cluster_has_gpus, connect, failure_message, forwarded_env, poll_reports_often
-from raygpt.config import RunSpec
+from raygpt.config import RunSpec, recorded_spec
+from raygpt.cost import run_cost
 from raygpt.data.batches import count_eval_windows
 from raygpt.data.manifest import load_manifest, manifest_hash
 from raygpt.errors import RaygptError, last_line
@@ -44,7 +45,7 @@ from raygpt.train.metrics import MetricsStream, read_metrics, summarize
 from raygpt.train.plan import TrainPlan, plan_run
 from raygpt.train.progress import ProgressView
 from raygpt.train.runrecord import RunRecord
-from raygpt.train.sinks import MetricsFile, QueueSink
+from raygpt.train.sinks import MetricsFile, QueueSink, SampleLog, prepare_trackers, tracker_sinks
 from raygpt.weights.checkpoint import (
     MODEL_CONFIG_FILE,
     TRAINER_STATE_FILE,
@@ -164,10 +165,17 @@ def train(spec: RunSpec, address: str | None = None, num_cpus: int | None = None
     if start_step >= plan.stop_step:
         print(f"raygpt train: {spec.name} is already at step {start_step} of {plan.stop_step}; nothing to do")
         return record.previous() or record.record
+    config_record = recorded_spec(spec)
+    trackers = prepare_trackers(spec.log, spec.name, join(run_uri, "tensorboard"), config_record,
+                                record.earlier.get("trackers"))
+    if trackers:
+        record.record["trackers"] = trackers
     record.write()
 
     queue = Queue(actor_options={"num_cpus": 0})
-    stream = MetricsStream(read_metrics(run_uri, storage), [MetricsFile(run_uri, storage), QueueSink(queue)])
+    sinks = [MetricsFile(run_uri, storage), QueueSink(queue), SampleLog(),
+             *tracker_sinks(trackers, storage, config_record, final_step=plan.stop_step)]
+    stream = MetricsStream(read_metrics(run_uri, storage), sinks)
     ray_storage_path, ray_filesystem = storage.ray_storage(spec.storage_path)
     resources = {"CPU": spec.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     trainer = TorchTrainer(
@@ -186,22 +194,29 @@ def train(spec: RunSpec, address: str | None = None, num_cpus: int | None = None
     poll_reports_often()
     begun = time.time()
     view = ProgressView(plan, start_step, queue, console)
+
+    def cost() -> dict[str, Any]:
+        """This session's cost added to the run's (the workers are held the whole session)."""
+        device = next((r.get("device") for r in view.records if r.get("device")), None)
+        return run_cost(workers=plan.num_workers, use_gpu=use_gpu, session_s=time.time() - begun, device=device,
+                        gpu_hour_usd=spec.train.gpu_hour_usd, previous=record.earlier.get("cost"))
+
     try:
         with view:
             result = trainer.fit()
     except TrainingFailedError as e:
         message = failure_message(e)
-        record.finish("failed", error=message, restarts=len(view.failures))
+        record.finish("failed", error=message, restarts=len(view.failures), cost=cost())
         raise RaygptError(message) from None
     except (KeyboardInterrupt, SystemExit):
         # On Ctrl-C, Ray Train aborts the workers and exits the driver with status 0; the run is
         # resumable from its last checkpoint, and the caller should hear "interrupted".
-        record.finish("interrupted", restarts=len(view.failures))
+        record.finish("interrupted", restarts=len(view.failures), cost=cost())
         raise KeyboardInterrupt from None
     finally:
         ray.kill(queue.actor)
     if view.fatal_error is not None:
-        record.finish("failed", error=view.fatal_error)
+        record.finish("failed", error=view.fatal_error, cost=cost())
         raise RaygptError(view.fatal_error)
 
     records = read_metrics(run_uri, storage)
@@ -212,5 +227,5 @@ def train(spec: RunSpec, address: str | None = None, num_cpus: int | None = None
         record.record["hardware"]["devices"] = devices
     status = "finished" if final.get("step") == plan.max_steps else "stopped"
     record.finish(status, final=final, restarts=len(view.failures),
-                  checkpoint=result.checkpoint.path if result.checkpoint else None)
+                  checkpoint=result.checkpoint.path if result.checkpoint else None, cost=cost())
     return record.record

@@ -22,6 +22,7 @@ from ray.train import CheckpointUploadMode
 from raygpt.cluster import quiet_report_logs
 from raygpt.storage import Storage, join
 from raygpt.train.metrics import MetricsWindow, device_name
+from raygpt.train.samples import training_samples
 from raygpt.train.step import Worker, agreed_setup, due, save_checkpoint, set_up_worker, train_step, validation_loss
 from raygpt.weights.checkpoint import checkpoint_dir_name
 
@@ -66,10 +67,11 @@ def run_loop(w: Worker) -> None:
         w.state.advance(plan.global_batch_tokens)
         step, last = w.state.step, w.state.step == plan.stop_step
 
-        val_loss = None
+        val_loss, samples = None, None
         if due(step, spec.train.val_interval) or (last and spec.train.val_interval > 0):
             started = time.perf_counter()
             val_loss = validation_loss(w)
+            samples = training_samples(w) if w.rank == 0 and spec.log.sample_prompts else None
             window.exclude(time.perf_counter() - started)
         save = due(step, spec.checkpoint.interval) or last
         if not (due(step, spec.train.log_interval) or save or val_loss is not None):
@@ -78,6 +80,8 @@ def run_loop(w: Worker) -> None:
         metrics["max_steps"] = plan.max_steps
         if val_loss is not None:
             metrics["val_loss"] = val_loss
+        if samples:
+            metrics["samples"] = samples
         if first_report:
             metrics.update(resumed_from_step=w.resumed_from_step, device=device_name(w.device),
                            precision=w.precision.name, world_size=w.world_size)
