@@ -209,6 +209,12 @@ class TrainConfig:
     """End this session after this many steps (with a checkpoint) while the LR schedule still
     follows ``max_steps``; starting the run again continues it. None: train to ``max_steps``."""
 
+    gpu_hour_usd: float | None = None
+    """USD per GPU-hour (per worker-hour on a CPU-only run) for the cost in ``run.json`` and
+    ``raygpt report``. None: the dated on-demand list price of the GPU's instance type in
+    ``raygpt.cost.LIST_PRICES`` when the GPU is listed there (set this for spot or reserved
+    prices), else no dollar figure."""
+
 
 @dataclass
 class CheckpointConfig:
@@ -248,6 +254,18 @@ class EvalConfig:
 
     output: str | None = None
     """Where ``test_loss.json`` goes. None: ``<storage_path>/eval``."""
+
+    tasks: list[Literal["test_loss", "hellaswag"]] = field(default_factory=lambda: ["test_loss"])
+    """What ``raygpt eval`` measures, each a Ray task per model: ``test_loss`` (the fixed test
+    split, ``test_loss.json``) and ``hellaswag`` (completion-style accuracy as llm.c and
+    build-nanogpt score it, ``hellaswag.json``)."""
+
+    hellaswag_data: str = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+    """HellaSwag items (JSON lines with ctx, endings, label): the public validation file's URL
+    (downloaded once into ``$RAYGPT_CACHE_DIR/hellaswag``), a local path or an ``s3://`` URI."""
+
+    hellaswag_max_items: int | None = None
+    """Score only the first this many HellaSwag items. None: all (10,042 in the validation file)."""
 
 
 @dataclass
@@ -417,6 +435,55 @@ class ReportConfig:
 
 
 @dataclass
+class LogConfig:
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=list)
+    """Experiment trackers that get the run's metrics stream (the de-duplicated one that
+    ``metrics.jsonl`` gets; a step trained again after a restart is logged once), and IFT's
+    losses: ``tensorboard`` (event files, needs tensorboardX), ``wandb``, ``mlflow`` (the
+    ``raygpt[tensorboard]``, ``raygpt[wandb]`` and ``raygpt[mlflow]`` extras). A resumed run
+    continues the same tracker run: its id is kept in ``run.json``."""
+
+    project: str = "raygpt"
+    """W&B project and MLflow experiment the runs are logged under."""
+
+    tensorboard_dir: str | None = None
+    """Where TensorBoard event files go: a local folder or ``s3://`` prefix (uploaded at each
+    checkpoint and at the end). None: ``<storage_path>/<name>/tensorboard``."""
+
+    wandb_entity: str | None = None
+    """W&B user or team. None: the account's default entity."""
+
+    wandb_mode: Literal["online", "offline", "disabled"] | None = None
+    """W&B mode. None: ``$WANDB_MODE``, else online. Offline runs stay in ``wandb_dir`` until
+    ``wandb sync`` uploads them."""
+
+    wandb_dir: str | None = None
+    """Local folder for W&B's run files. None: ``$WANDB_DIR``, else ``.raygpt/wandb`` under the
+    folder ``raygpt`` was started from."""
+
+    mlflow_tracking_uri: str | None = None
+    """MLflow tracking server or store (``http://...``, ``sqlite:///...``, ``file:...``). None:
+    ``$MLFLOW_TRACKING_URI``, else MLflow's own default (``sqlite:///mlflow.db`` in the folder
+    ``raygpt`` was started from, which needs the full ``mlflow`` package). MLflow 3 refuses
+    ``file:`` stores unless ``MLFLOW_ALLOW_FILE_STORE=true``."""
+
+    sample_prompts: list[str] = field(default_factory=lambda: ["Once upon a time,", "The meaning of life is",
+                                                                "def fibonacci(n):"])
+    """Prompts that rank 0 continues at each validation; the samples go to the log and the
+    trackers. Empty: no samples during training."""
+
+    sample_tokens: int = 32
+    """New tokens per training sample."""
+
+    sample_temperature: float = 1.0
+    """Sampling temperature of the training samples (0: greedy). The samples draw from their
+    own generator, seeded by ``train.seed`` and the step, so they never change training."""
+
+    sample_top_k: int | None = 50
+    """Sample from the k most likely tokens only. None: from all of them."""
+
+
+@dataclass
 class RunSpec:
     name: str = "run"
     """Run name: the folder under ``storage_path`` and the key Ray Train resumes by."""
@@ -450,6 +517,9 @@ class RunSpec:
 
     report: ReportConfig = field(default_factory=ReportConfig)
     """The comparison written by ``raygpt report``."""
+
+    log: LogConfig = field(default_factory=LogConfig)
+    """Experiment trackers and the samples shown during training."""
 
     def __post_init__(self) -> None:
         problems = check_spec(self)
@@ -556,6 +626,29 @@ def check_spec(spec: RunSpec) -> list[str]:
         problems.append(f"ift.seeds: {spec.ift.seeds} lists a seed twice")
     if spec.report.bootstrap_samples <= 0:
         problems.append(f"report.bootstrap_samples: must be positive, got {spec.report.bootstrap_samples}")
+    problems.extend(_check_log_eval_and_cost(spec))
+    return problems
+
+
+def _check_log_eval_and_cost(spec: RunSpec) -> list[str]:
+    """Checks of the ``log`` section and of the HellaSwag and cost fields."""
+    problems = []
+    if len(set(spec.log.trackers)) != len(spec.log.trackers):
+        problems.append(f"log.trackers: {spec.log.trackers} names a tracker twice")
+    if spec.log.sample_tokens <= 0:
+        problems.append(f"log.sample_tokens: must be positive, got {spec.log.sample_tokens}")
+    if spec.log.sample_temperature < 0:
+        problems.append(f"log.sample_temperature: must not be negative, got {spec.log.sample_temperature}")
+    if spec.log.sample_top_k is not None and spec.log.sample_top_k <= 0:
+        problems.append(f"log.sample_top_k: must be positive, got {spec.log.sample_top_k}")
+    if not spec.log.project:
+        problems.append("log.project: must not be empty")
+    if not spec.eval.tasks or len(set(spec.eval.tasks)) != len(spec.eval.tasks):
+        problems.append(f"eval.tasks: {spec.eval.tasks}: name each task once (test_loss, hellaswag)")
+    if spec.eval.hellaswag_max_items is not None and spec.eval.hellaswag_max_items <= 0:
+        problems.append(f"eval.hellaswag_max_items: must be positive, got {spec.eval.hellaswag_max_items}")
+    if spec.train.gpu_hour_usd is not None and spec.train.gpu_hour_usd < 0:
+        problems.append(f"train.gpu_hour_usd: must not be negative, got {spec.train.gpu_hour_usd}")
     return problems
 
 

@@ -1,12 +1,20 @@
-"""Test loss: every model scored on the same fixed windows of the held-out test split.
+"""Evaluation tasks: test loss on the fixed held-out test split, and HellaSwag.
 
-``raygpt eval SPEC [--model REF]...`` runs one Ray task per model (a GPU each when the cluster
-has GPUs). All models read the same windows: the first ``eval.max_tokens`` test tokens cut
-into non-overlapping windows of one length (``eval.seq_len``, else the shortest context
-among the models), so losses are comparable across architectures and runs. The mean token
-loss is computed in fp32 in a fixed order, so a rerun gives the same number.
-Results go to ``<eval.output or storage_path/eval>/test_loss.json``, merged with earlier
-results on the same dataset, and are shown as a table.
+``raygpt eval SPEC [--model REF]... [--task T]...`` runs each task in ``eval.tasks`` as one
+Ray task per model (a GPU each when the cluster has GPUs).
+
+- ``test_loss``: all models read the same windows: the first ``eval.max_tokens`` test tokens
+  cut into non-overlapping windows of one length (``eval.seq_len``, else the shortest context
+  among the models), so losses are comparable across architectures and runs. The mean token
+  loss is computed in fp32 in a fixed order, so a rerun gives the same number. Results go to
+  ``<eval.output or storage_path/eval>/test_loss.json``, merged with earlier results on the
+  same dataset.
+- ``hellaswag``: completion-style accuracy (``raygpt.hellaswag``: acc and acc_norm, as
+  llm.c and build-nanogpt score it) on ``eval.hellaswag_data``, read once by the driver and
+  shared with the tasks. Results go to ``hellaswag.json`` beside the test loss, merged with
+  earlier results on the same items.
+
+Each is shown as a table.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import torch
 
 from raygpt.config import RunSpec
 from raygpt.errors import RaygptError
-from raygpt.stages import TEST_LOSS_FILE, eval_dir
+from raygpt.stages import HELLASWAG_FILE, TEST_LOSS_FILE, eval_dir
 from raygpt.storage import Storage, join
 from raygpt.weights.refs import describe_model, load_model
 
@@ -131,3 +139,73 @@ def show_results(document: dict[str, Any], console=None) -> None:
 
 def _or_dash(value: Any) -> str:
     return f"{value:,}" if isinstance(value, int) else "-"
+
+
+def model_hellaswag(ref: str, spec: RunSpec, storage: Storage, items: list) -> dict[str, Any]:
+    """HellaSwag accuracy of one model on ``items`` (runs inside a Ray task)."""
+    from raygpt.hellaswag import score_items
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    model, info = load_model(ref, spec, storage, device)
+    scores = score_items(model, items, device, batch_size=spec.eval.batch_size)
+    return {"model": info["id"], "ref": ref, **scores, "params": info["params"], "step": info["step"],
+            "trained_tokens": info["tokens"], "checkpoint": info["checkpoint"], "device": str(device)}
+
+
+def evaluate_hellaswag(spec: RunSpec, models: list[str], address: str | None = None,
+                       num_cpus: int | None = None) -> dict[str, Any]:
+    """Score ``models`` on HellaSwag and write ``hellaswag.json``; returns its contents."""
+    import ray
+
+    from raygpt.cluster import cluster_has_gpus, connect, failure_message, task_runtime_env
+    from raygpt.hellaswag import load_items
+
+    if not models:
+        raise RaygptError("eval.models: no models to evaluate; list them in the spec or pass --model REF")
+    storage = Storage.from_config(spec.storage)
+    output = eval_dir(spec)
+    storage.check_access(output, write=True)
+    for ref in models:  # a typo fails before the download and before any task starts
+        describe_model(ref, spec, storage)
+    items, sha256 = load_items(spec.eval.hellaswag_data, storage=storage)
+    items = items[:spec.eval.hellaswag_max_items]
+
+    connect(address, num_cpus)
+    task = ray.remote(model_hellaswag).options(num_gpus=1 if cluster_has_gpus() else 0, num_cpus=1, max_retries=1,
+                                               runtime_env=task_runtime_env())
+    items_ref = ray.put(items)
+    try:
+        results = ray.get([task.remote(ref, spec, storage, items_ref) for ref in models])
+    except ray.exceptions.RayTaskError as e:
+        raise RaygptError(failure_message(e, "HellaSwag evaluation")) from None
+
+    uri = join(output, HELLASWAG_FILE)
+    previous = storage.read_json(uri) if storage.exists(uri) else None
+    kept = []
+    if previous and previous.get("data_sha256") == sha256 and previous.get("items") == len(items):
+        evaluated = {r["ref"] for r in results}
+        kept = [r for r in previous.get("results", []) if r["ref"] not in evaluated]
+    document = {"task": "hellaswag", "data": spec.eval.hellaswag_data, "data_sha256": sha256, "items": len(items),
+                "scoring": "completion (llm.c, build-nanogpt): acc by summed, acc_norm by mean ending token loss",
+                "results": sorted(kept + results, key=lambda r: -r["acc_norm"])}
+    storage.write_json(uri, document)
+    return {**document, "uri": uri}
+
+
+def show_hellaswag(document: dict[str, Any], console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title=f"HellaSwag on {document['items']:,} items of {document['data']} (completion style)")
+    for column in ("model", "params", "step", "trained tokens", "acc", "acc_norm"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for r in document["results"]:
+        table.add_row(r["model"], f"{r['params'] / 1e6:,.2f}M", _or_dash(r.get("step")),
+                      _or_dash(r.get("trained_tokens")), f"{r['acc']:.4f}", f"{r['acc_norm']:.4f}")
+    console.print(table)
+
+
+EVAL_TASKS = {"test_loss": (evaluate, show_results), "hellaswag": (evaluate_hellaswag, show_hellaswag)}
+"""``eval.tasks`` names: (the function that evaluates models and writes its document, its table)."""

@@ -2,9 +2,11 @@
 
 It joins what the other stages wrote, by model id:
 - ``<eval.output or storage_path/eval>/test_loss.json`` (``raygpt eval``): test loss per model;
+- ``hellaswag.json`` beside it (``raygpt eval --task hellaswag``): HellaSwag acc_norm per model;
 - ``<judge.output or storage_path/judge>/summary.json`` (``raygpt judge``): IFT score, its 95%
   interval, passes, failures, the anchors, the judge's agreement and position bias;
-- each run's ``metrics.jsonl`` and ``run.json`` under ``storage_path``: training curves.
+- each run's ``metrics.jsonl`` and ``run.json`` under ``storage_path``: training curves,
+  tokens/s, and the cost (GPU-hours, dollars) of the run a model came from.
 
 One ``Report`` (its rows sorted by test loss) is rendered by several backends: a rich terminal
 table, Markdown, JSON, CSV, and two PNGs (test loss against IFT score with error bars; the
@@ -43,6 +45,7 @@ from raygpt.config import RunSpec
 from raygpt.errors import RaygptError
 from raygpt.stages import (
     EMPTY_ANCHOR,
+    HELLASWAG_FILE,
     JUDGE_SUMMARY_FILE,
     METRICS_FILE,
     REFERENCE_ANCHOR,
@@ -92,6 +95,16 @@ class ModelRow:
     replicate_scores: list[float | None] = field(default_factory=list, repr=False)
     """Each fine-tuning run's mean score, for the plot; not a column."""
 
+    hellaswag: float | None = None
+    """HellaSwag acc_norm (completion style, as llm.c and build-nanogpt score it)."""
+    hellaswag_items: int | None = None
+    tokens_per_s: float | None = None
+    """Median training throughput of the run, from its run.json."""
+    gpu_hours: float | None = None
+    """GPU-hours of the run over all its sessions (workers x wall-clock)."""
+    cost_usd: float | None = None
+    """Dollars at the run's price per GPU-hour (train.gpu_hour_usd, else a dated list price)."""
+
 
 HIDDEN_FIELDS = ("item_scores", "item_scores_by_seed", "replicate_scores")
 """ModelRow fields that feed statistics and plots, not the JSON rows or the CSV."""
@@ -129,6 +142,14 @@ def build_report(spec: RunSpec, storage: Storage) -> Report:
     else:
         report.missing.append(f"test loss: no {test_loss_uri} (run `raygpt eval`)")
 
+    hellaswag_uri = join(eval_dir(spec), HELLASWAG_FILE)
+    if storage.exists(hellaswag_uri):
+        report.sources["hellaswag"] = hellaswag_uri
+        for result in _list_of(storage.read_json(hellaswag_uri), "results", hellaswag_uri):
+            row = rows.setdefault(result["model"], ModelRow(result["model"], ref=result.get("ref")))
+            row.hellaswag, row.hellaswag_items = result.get("acc_norm"), result.get("items")
+            row.params = row.params or result.get("params")
+
     summary_uri = join(judge_dir(spec), JUDGE_SUMMARY_FILE)
     if storage.exists(summary_uri):
         summary = storage.read_json(summary_uri)
@@ -154,6 +175,10 @@ def build_report(spec: RunSpec, storage: Storage) -> Report:
         if run is not None:
             row.trained_on = row.trained_on or _hardware_label(run.get("hardware") or {})
             row.trained_tokens = row.trained_tokens or (run.get("final") or {}).get("tokens")
+            row.tokens_per_s = (run.get("final") or {}).get("tokens_per_s")
+            cost = run.get("cost") or {}
+            row.gpu_hours = cost.get("gpu_hours") or None
+            row.cost_usd = cost.get("usd")
     report.rows = sorted(rows.values(), key=_sort_key)
     report.correlation = loss_score_correlation(report.rows, spec.report.bootstrap_samples, spec.report.seed)
     return report
@@ -261,17 +286,19 @@ def _read_runs(spec: RunSpec, storage: Storage, report: Report) -> None:
         if storage.exists(run_uri):
             record = storage.read_json(run_uri)
             if isinstance(record, dict):
-                report.runs[name] = {k: record[k] for k in ("status", "hardware", "final", "git_commit", "attempts")
+                report.runs[name] = {k: record[k] for k in ("status", "hardware", "final", "git_commit", "attempts",
+                                                            "cost")
                                      if k in record}
     if not report.curves:
         report.missing.append(f"training curves: no run with metrics.jsonl under {spec.storage_path}")
 
 
-COLUMNS = ("model", "test loss", "IFT score", "95% CI", "group", "length-controlled", "answer length", "seeds",
-           "passes", "failures", "params", "trained tokens", "trained on")
+COLUMNS = ("model", "test loss", "HellaSwag", "IFT score", "95% CI", "group", "length-controlled", "answer length",
+           "seeds", "passes", "failures", "params", "trained tokens", "trained on", "tokens/s", "GPU-h", "cost")
 
 
-OPTIONAL_COLUMNS = {"params", "trained tokens", "trained on", "group", "length-controlled", "answer length", "seeds"}
+OPTIONAL_COLUMNS = {"HellaSwag", "params", "trained tokens", "trained on", "group", "length-controlled",
+                    "answer length", "seeds", "tokens/s", "GPU-h", "cost"}
 """Shown only when some row has a value: the table stays narrow when they are unknown."""
 
 
@@ -285,9 +312,17 @@ def _table(report: Report) -> tuple[list[str], list[list[str]]]:
 
 def _cells(row: ModelRow) -> list[str]:
     ci = f"{row.ci_low:.2f} - {row.ci_high:.2f}" if row.ci_low is not None and row.ci_high is not None else "-"
-    return [row.model, _fmt(row.test_loss, 3), _fmt(row.ift_score, 2), ci, row.letters or "-", _fmt(row.lc_score, 2),
-            _fmt(row.mean_length, 0), _fmt(row.seeds), _fmt(row.passes), _fmt(row.failures),
-            _count(row.params), _count(row.trained_tokens), row.trained_on or "-"]
+    return [row.model, _fmt(row.test_loss, 3), _fmt(row.hellaswag, 4), _fmt(row.ift_score, 2), ci, row.letters or "-",
+            _fmt(row.lc_score, 2), _fmt(row.mean_length, 0), _fmt(row.seeds), _fmt(row.passes), _fmt(row.failures),
+            _count(row.params), _count(row.trained_tokens), row.trained_on or "-",
+            _count(round(row.tokens_per_s)) if row.tokens_per_s else "-", _fmt(row.gpu_hours, 1),
+            _dollars(row.cost_usd)]
+
+
+def _dollars(usd: float | None) -> str:
+    if usd is None:
+        return "-"
+    return f"${usd:,.0f}" if usd >= 100 else f"${usd:,.2f}"
 
 
 def _count(n: int | None) -> str:

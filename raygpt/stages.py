@@ -16,6 +16,7 @@ from raygpt.storage import join
 RUN_RECORD_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 TEST_LOSS_FILE = "test_loss.json"
+HELLASWAG_FILE = "hellaswag.json"
 ANSWERS_FOLDER = "answers"
 JUDGEMENTS_FILE = "judgements.jsonl"
 JUDGE_SUMMARY_FILE = "summary.json"

@@ -14,10 +14,11 @@ ROOT = Path(raygpt.__file__).parent
 LAYERS = [
     ["raygpt", "raygpt.errors"],  # raygpt: the package's own __init__ (its version)
     ["raygpt.config"],
-    ["raygpt.storage", "raygpt.tokenizer", "raygpt.stats", "raygpt.prompts", "raygpt.localstore", "raygpt.cluster"],
+    ["raygpt.storage", "raygpt.tokenizer", "raygpt.stats", "raygpt.prompts", "raygpt.localstore", "raygpt.cluster",
+     "raygpt.cost"],
     ["raygpt.stages"],
     ["raygpt.model"],
-    ["raygpt.data", "raygpt.weights", "raygpt.hellaswag"],
+    ["raygpt.data", "raygpt.weights", "raygpt.hellaswag", "raygpt.sample"],
     ["raygpt.evaluate"],
     ["raygpt.train"],
     ["raygpt.ift"],
@@ -35,7 +36,9 @@ FORBIDDEN = {
     # What the Ray-free GPU check (benchmarks/gpu_check.py) runs, on a machine without Ray.
     "raygpt.train.step": ("ray",), "raygpt.train.metrics": ("ray",), "raygpt.train.components": ("ray",),
     "raygpt.train.plan": ("ray",), "raygpt.train.parallel": ("ray",), "raygpt.train.schedule": ("ray",),
-    "raygpt.train.sinks": ("ray",), "raygpt.train.saving": ("ray",), "raygpt.train.attempts": ("ray", "torch"), "raygpt.data": ("ray", "boto3"), "raygpt.weights": ("ray", "boto3"),
+    "raygpt.train.sinks": ("ray",), "raygpt.train.saving": ("ray",), "raygpt.train.attempts": ("ray", "torch"),
+    "raygpt.train.samples": ("ray",), "raygpt.data": ("ray", "boto3"), "raygpt.weights": ("ray", "boto3"),
+    "raygpt.sample": ("ray", "boto3"), "raygpt.cost": ("torch", "ray"),
     "raygpt.evaluate": ("boto3",),
 }
 

@@ -52,11 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     _ray_args(p)
     p.set_defaults(handler="raygpt.cli.commands:train_command")
 
-    p = verbs.add_parser("eval", help="test loss of checkpoints on the fixed test split")
-    _spec_args(p)
+    p = verbs.add_parser("eval", help="test loss (and HellaSwag) of checkpoints and openai:NAME models")
+    _spec_args(p, required=False)
     _ray_args(p)
     p.add_argument("--model", dest="models", action="append", default=None,
                    help="model to evaluate (run name, checkpoint URI, openai:gpt2); repeatable; replaces eval.models")
+    p.add_argument("--task", dest="tasks", action="append", default=None, choices=["test_loss", "hellaswag"],
+                   help="what to measure; repeatable; replaces eval.tasks (default: test_loss)")
     p.set_defaults(handler="raygpt.cli.commands:eval_command")
 
     p = verbs.add_parser("ift", help="instruction fine-tuning and answer generation")
@@ -85,11 +87,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="local directory for the report files (report.output)")
     p.set_defaults(handler="raygpt.cli.commands:report_command")
 
-    p = verbs.add_parser("export", help="a checkpoint as a Hugging Face GPT-2 directory")
-    p.add_argument("model", help="run name, checkpoint URI or openai:NAME")
-    p.add_argument("output", help="directory for config.json + model.safetensors")
+    p = verbs.add_parser("export", help="a checkpoint as a Hugging Face GPT-2 folder with a model card; --push-to-hub")
+    p.add_argument("model", help="run name, checkpoint URI, ift:NAME or openai:NAME")
+    p.add_argument("output", help="folder (or s3:// prefix) for config.json, model.safetensors and README.md")
     _spec_args(p, required=False)
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="dtype of the exported weights (default fp32; bf16 halves the size)")
+    p.add_argument("--push-to-hub", metavar="REPO", default=None,
+                   help="also upload the folder to this Hugging Face Hub repo (user/name), created if missing; "
+                        "endpoint $HF_ENDPOINT, token $HF_TOKEN or `hf auth login`")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     p.set_defaults(handler="raygpt.cli.commands:export_command")
+
+    p = verbs.add_parser("sample", help="generate text from a model, streamed to the terminal")
+    p.add_argument("model", help="run name, checkpoint or model folder, ift:NAME or openai:NAME")
+    _spec_args(p, required=False)
+    p.add_argument("--prompt", default="", help="text to continue (default: a new document)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens per sample (default 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=200, help="sample from the k most likely tokens; 0: all (default 200)")
+    p.add_argument("--seed", type=int, default=1337, help="random seed of the sampling (default 1337)")
+    p.add_argument("--num-samples", type=int, default=1, help="samples, one after another (default 1)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)")
+    p.set_defaults(handler="raygpt.cli.commands:sample_command")
+
+    p = verbs.add_parser("chat", help="talk to an instruction-tuned model in the prompt format it was tuned with")
+    p.add_argument("model", help="ift:NAME, a fine-tuned model folder, or any model reference")
+    _spec_args(p, required=False)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit (default 256, as raygpt ift)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy, as raygpt ift answers (default 0)")
+    p.add_argument("--top-k", type=int, default=0, help="with --temperature: the k most likely tokens; 0: all")
+    p.add_argument("--seed", type=int, default=1337, help="random seed of the sampling (default 1337)")
+    p.add_argument("--prompt-style", default=None,
+                   help="prompt format (default: the one the model was fine-tuned with, else ift.prompt_style)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)")
+    p.set_defaults(handler="raygpt.cli.commands:chat_command")
 
     p = verbs.add_parser("quickstart", help="the whole path on one machine, in minutes")
     p.add_argument("--workdir", default=".raygpt/quickstart", help="where data, store and report go")

@@ -58,14 +58,17 @@ def train_command(args) -> int:
 
 
 def eval_command(args) -> int:
-    """``raygpt eval SPEC [--model REF]...``."""
-    from raygpt.evaluate import evaluate, show_results
+    """``raygpt eval SPEC [--model REF]... [--task test_loss|hellaswag]...``."""
+    from raygpt.evaluate import EVAL_TASKS
 
-    spec = load_spec(args.spec, args.overrides)
+    flags = list(args.overrides) + ([f"eval.tasks=[{','.join(args.tasks)}]"] if args.tasks else [])
+    spec = load_spec(args.spec, flags)
     models = list(args.models) if args.models else list(spec.eval.models)
-    document = evaluate(spec, models, address=args.address, num_cpus=args.num_cpus)
-    show_results(document, make_console())
-    print(f"results: {document['uri']}")
+    for task in spec.eval.tasks:
+        evaluate, show = EVAL_TASKS[task]
+        document = evaluate(spec, models, address=args.address, num_cpus=args.num_cpus)
+        show(document, make_console())
+        print(f"results: {document['uri']}")
     return 0
 
 
@@ -120,20 +123,125 @@ def report_command(args) -> int:
 
 
 def export_command(args) -> int:
-    """``raygpt export MODEL OUTDIR``: a checkpoint (run name, checkpoint URI, openai:NAME) as
-    a Hugging Face GPT-2 folder."""
-    from raygpt.weights.hf import export_hf
+    """``raygpt export MODEL OUT [--dtype bf16] [--push-to-hub REPO [--private]]``: a model (run
+    name, checkpoint URI, ift:NAME, openai:NAME) as a Hugging Face GPT-2 folder with a model card."""
+    from raygpt.errors import RaygptError
+    from raygpt.storage import is_remote
+    from raygpt.weights.hf import EXPORT_DTYPES, export_hf
+    from raygpt.weights.hub import connect_hub, model_card, model_facts, push_folder
     from raygpt.weights.refs import load_model
 
     spec = load_spec(args.spec, args.overrides)
     storage = Storage.from_config(spec.storage)
+    hub = None
+    if args.push_to_hub:
+        if is_remote(args.output):
+            raise RaygptError(f"--push-to-hub uploads a local folder: export to a local OUT, not {args.output}")
+        hub = connect_hub(args.push_to_hub)  # seconds, before any work: the Hub answers and takes the token
     model, info = load_model(args.model, spec, storage, "cpu")
     provenance = {"source": args.model}
     provenance.update({key: str(info[key]) for key in ("step", "tokens") if info.get(key) is not None})
-    written = export_hf(model, args.output, storage=storage, provenance=provenance)
+    card = model_card(model_facts(args.model, info, spec, storage), repo_id=args.push_to_hub)
+    written = export_hf(model, args.output, storage=storage, provenance=provenance, dtype=EXPORT_DTYPES[args.dtype],
+                        card=card)
     c = model.config
     head = "tied head" if c.tie_weights else "untied head"
-    print(f"exported {info.get('id', args.model)} ({model.num_params():,} params, {c.n_layer} layers, {head}) "
-          f"to {args.output}: {', '.join(Path(w).name for w in written)}")
+    print(f"exported {info.get('id', args.model)} ({model.num_params():,} params, {c.n_layer} layers, {head}, "
+          f"{args.dtype}) to {args.output}: {', '.join(Path(w).name for w in written)}")
     print(f"load it with transformers.GPT2LMHeadModel.from_pretrained({str(args.output)!r})")
+    if hub is not None:
+        print(f"pushed to {push_folder(hub, str(args.output), args.push_to_hub, private=args.private)}")
+    return 0
+
+
+def _device(requested: str | None) -> str:
+    import torch
+
+    return requested or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _autocast(device: str):
+    """bf16 autocast on GPUs that have it, else nothing: sampling needs no fp32 accuracy."""
+    import contextlib
+
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def sample_command(args) -> int:
+    """``raygpt sample MODEL [SPEC] --prompt TEXT [--max-new-tokens N --temperature T --top-k K
+    --seed S --num-samples N]``: text from any model, streamed to the terminal as it is generated."""
+    import sys
+
+    import torch
+
+    from raygpt.errors import RaygptError
+    from raygpt.sample import sample_text
+    from raygpt.weights.refs import load_model
+
+    for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--num-samples", args.num_samples)):
+        if value <= 0:
+            raise RaygptError(f"{flag}: must be positive, got {value}")
+    if args.temperature < 0 or args.top_k < 0:
+        raise RaygptError("--temperature and --top-k: must not be negative")
+    spec = load_spec(args.spec, args.overrides)
+    device = _device(args.device)
+    model, info = load_model(args.model, spec, Storage.from_config(spec.storage), device)
+    print(f"{info['id']}: {model.num_params():,} params on {device}; temperature {args.temperature:g}, "
+          f"top-k {args.top_k or 'all'}, seed {args.seed}", file=sys.stderr)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    for i in range(args.num_samples):
+        if i:
+            write("\n---------------\n")
+        write(args.prompt)
+        sample_text(model, args.prompt, args.max_new_tokens, args.temperature, args.top_k or None, generator,
+                    on_text=write, autocast=_autocast(device))
+    write("\n")
+    return 0
+
+
+def chat_command(args) -> int:
+    """``raygpt chat MODEL [SPEC]``: instructions from stdin, answers streamed back, in the
+    prompt format the model was fine-tuned with; an empty input (Ctrl-D), /exit or /quit ends."""
+    import sys
+
+    import torch
+
+    from raygpt.prompts import get_prompt_style
+    from raygpt.sample import chat
+    from raygpt.weights.refs import load_model, prompt_style_of
+
+    spec = load_spec(args.spec, args.overrides)
+    storage = Storage.from_config(spec.storage)
+    style = get_prompt_style(args.prompt_style or prompt_style_of(args.model, spec, storage) or spec.ift.prompt_style)
+    device = _device(args.device)
+    model, info = load_model(args.model, spec, storage, device)
+    interactive = sys.stdin.isatty()
+    print(f"{info['id']}: {model.num_params():,} params on {device}, {style.name} prompt; "
+          "one instruction per line, /exit or Ctrl-D ends", file=sys.stderr)
+
+    def read() -> str | None:
+        if interactive:
+            try:
+                return input(">>> ")
+            except EOFError:
+                return None
+        line = sys.stdin.readline()
+        return line if line else None
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    chat(model, style, read, write, args.max_new_tokens, args.temperature, args.top_k or None, generator,
+         autocast=_autocast(device))
     return 0

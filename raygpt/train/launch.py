@@ -34,7 +34,8 @@ from ray.util.queue import Queue
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raygpt.cluster import cluster_has_gpus, connect, failure_message, forwarded_env, poll_reports_often
-from raygpt.config import RunSpec
+from raygpt.config import RunSpec, recorded_spec
+from raygpt.cost import run_cost
 from raygpt.data.batches import count_eval_windows
 from raygpt.data.manifest import load_manifest, manifest_hash
 from raygpt.errors import RaygptError
@@ -47,7 +48,7 @@ from raygpt.train.metrics import MetricsStream, read_metrics, summarize
 from raygpt.train.plan import TrainPlan, plan_run
 from raygpt.train.progress import ProgressView
 from raygpt.train.runrecord import RunRecord
-from raygpt.train.sinks import MetricsFile, QueueSink
+from raygpt.train.sinks import MetricsFile, QueueSink, prepare_trackers, tracker_sinks
 from raygpt.weights.checkpoint import (
     MODEL_CONFIG_FILE,
     TRAINER_STATE_FILE,
@@ -208,14 +209,20 @@ def train(spec: RunSpec, address: str | None = None, num_cpus: int | None = None
     if start_step >= plan.stop_step:
         print(f"raygpt train: {spec.name} is already at step {start_step} of {plan.stop_step}; nothing to do")
         return record.previous() or record.record
+    config_record = recorded_spec(spec)
+    trackers = prepare_trackers(spec.log, spec.name, join(run_uri, "tensorboard"), config_record,
+                                record.earlier.get("trackers"))
+    if trackers:
+        record.record["trackers"] = trackers
     record.write()
 
     # The queue to the progress view lives on the driver's node: a lost worker node must not take it along.
     queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(
         ray.get_runtime_context().get_node_id(), soft=False)})
     previous_attempts = (record.previous() or {}).get("attempts", [])
-    stream = MetricsStream(read_metrics(run_uri, storage), [MetricsFile(run_uri, storage), QueueSink(queue)],
-                           attempts=previous_attempts)
+    sinks = [MetricsFile(run_uri, storage), QueueSink(queue),
+             *tracker_sinks(trackers, storage, config_record, final_step=plan.stop_step)]
+    stream = MetricsStream(read_metrics(run_uri, storage), sinks, attempts=previous_attempts)
     ray_storage_path, ray_filesystem = storage.ray_storage(spec.storage_path)
     resources = {"CPU": spec.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     trainer = TorchTrainer(
@@ -241,10 +248,16 @@ def train(spec: RunSpec, address: str | None = None, num_cpus: int | None = None
     begun = time.time()
     view = ProgressView(plan, start_step, queue, console, attempts=previous_attempts)
 
+    def cost() -> dict[str, Any]:
+        """This session's cost added to the run's (the workers are held the whole session)."""
+        device = next((r.get("device") for r in view.records if r.get("device")), None)
+        return run_cost(workers=plan.num_workers, use_gpu=use_gpu, session_s=time.time() - begun, device=device,
+                        gpu_hour_usd=spec.train.gpu_hour_usd, previous=record.earlier.get("cost"))
+
     def finish(status: str, **fields: Any) -> None:
         attempts = AttemptLog(view.attempts)
         attempts.finish(status)
-        record.finish(status, restarts=len(view.failures), attempts=attempts.attempts, **fields)
+        record.finish(status, restarts=len(view.failures), attempts=attempts.attempts, cost=cost(), **fields)
 
     try:
         with view:

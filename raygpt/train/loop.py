@@ -23,6 +23,7 @@ from ray.train import CheckpointUploadMode
 from raygpt.cluster import quiet_report_logs
 from raygpt.storage import Storage, join
 from raygpt.train.metrics import MetricsWindow, device_name
+from raygpt.train.samples import training_samples
 from raygpt.train.saving import SaveSchedule
 from raygpt.train.step import Worker, agreed_setup, due, set_up_worker, start_checkpoint, train_step, validation_loss
 from raygpt.weights.checkpoint import checkpoint_dir_name
@@ -74,10 +75,11 @@ def run_loop(w: Worker, attempt_started: float) -> None:
         step, last = w.state.step, w.state.step == plan.stop_step
         first_step_at = first_step_at or time.time()
 
-        val_loss = None
+        val_loss, samples = None, None
         if due(step, spec.train.val_interval) or (last and spec.train.val_interval > 0):
             started = time.perf_counter()
             val_loss = validation_loss(w)
+            samples = training_samples(w) if w.rank == 0 and spec.log.sample_prompts else None
             window.exclude(time.perf_counter() - started)
         reason = saves.due(step)
         if not (due(step, spec.train.log_interval) or reason or val_loss is not None):
@@ -94,6 +96,8 @@ def run_loop(w: Worker, attempt_started: float) -> None:
             metrics["preemption_notice"] = {"deadline_ms": saves.notice.deadline_ms,
                                             "ranks": saves.notice.preempted_ranks}
             noticed = True
+        if samples:
+            metrics["samples"] = samples
         if first_report:
             metrics.update(resumed_from_step=w.resumed_from_step, device=device_name(w.device),
                            node=ray.get_runtime_context().get_node_id(), precision=w.precision.name,

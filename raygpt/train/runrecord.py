@@ -1,7 +1,9 @@
 """``run.json``: how to reproduce a run and what it reached.
 
 The resolved spec, raygpt's version and git commit, package versions, the dataset's manifest
-hash, seeds, hardware and the final metrics. It holds no credential: specs have none, and URLs
+hash, seeds, hardware, the final metrics, the experiment-tracker runs (``trackers``: what a
+resumed run logs to again) and the cost (``cost``: GPU-hours, wall-clock and dollars over
+all sessions). It holds no credential: specs have none, and URLs
 are stripped of any user:password part.
 """
 
@@ -82,10 +84,16 @@ class RunRecord:
             "final": None,
         }
         previous = self.previous()
+        self.earlier: dict[str, Any] = previous or {}
+        """The record as the previous session left it ({} for a new run)."""
         if previous is not None:
-            # A resumed run keeps its first start time and counts its sessions.
+            # A resumed run keeps its first start time, counts its sessions, and keeps its
+            # tracker runs and the cost so far (this session adds to them).
             self.record["started"] = previous.get("started", self.record["started"])
             self.record["sessions"] = previous.get("sessions", 1) + 1
+            for key in ("trackers", "cost"):
+                if previous.get(key) is not None:
+                    self.record[key] = previous[key]
         else:
             self.record["sessions"] = 1
 

@@ -278,12 +278,21 @@ def _hf_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(shape)) if CONV1D_WEIGHT.match(name) else shape
 
 
-def export_hf(model: GPT, out_dir: str | os.PathLike, storage=None, provenance: dict[str, str] | None = None) -> list[str]:
+EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""``raygpt export --dtype`` choices."""
+
+
+MODEL_CARD_FILE = "README.md"
+
+
+def export_hf(model: GPT, out_dir: str | os.PathLike, storage=None, provenance: dict[str, str] | None = None,
+              dtype: torch.dtype = torch.float32, card: str | None = None) -> list[str]:
     """Write ``model`` as a Hugging Face GPT-2 folder that ``GPT2LMHeadModel.from_pretrained``
     loads and that computes the same logits. Returns the URIs written.
 
-    - Weights are float32 in ``model.safetensors`` under ``GPT2LMHeadModel``'s names
-      (``transformer.`` prefix), Conv1D matrices transposed back to (in, out).
+    - Weights are ``dtype`` (float32 unless asked otherwise; bf16 halves the size) in
+      ``model.safetensors`` under ``GPT2LMHeadModel``'s names (``transformer.`` prefix),
+      Conv1D matrices transposed back to (in, out); ``config.json`` names the dtype.
     - A model without a query/key/value bias gets zero biases: exactly the same function.
     - Tied head: ``tie_word_embeddings: true`` and no ``lm_head.weight`` (as transformers
       saves it). Untied head: ``tie_word_embeddings: false`` and its own ``lm_head.weight``;
@@ -291,6 +300,7 @@ def export_hf(model: GPT, out_dir: str | os.PathLike, storage=None, provenance: 
     - ``provenance`` (e.g. the checkpoint ref and step) goes into the safetensors metadata.
     - GPT-2's tokenizer files (``vocab.json``, ``merges.txt``) are copied in when available
       locally, so ``AutoTokenizer.from_pretrained`` works on the folder too.
+    - ``card``, when given, is the model card (``README.md``, what the Hub shows).
 
     ``out_dir`` is a local folder or, with ``storage``, an ``s3://`` prefix. Every file is
     written under a temporary name and renamed, ``config.json`` last: a folder that has a
@@ -303,7 +313,7 @@ def export_hf(model: GPT, out_dir: str | os.PathLike, storage=None, provenance: 
         if storage is None:
             raise RaygptError(f"{out}: exporting to object storage needs a Storage (raygpt export does this)")
         with tempfile.TemporaryDirectory(prefix="raygpt-export-") as staging:
-            names = _write_hf_folder(model, Path(staging), provenance)
+            names = _write_hf_folder(model, Path(staging), provenance, dtype, card)
             for name in names:  # config.json comes last
                 storage.upload(Path(staging) / name, join(out, name))
         return [join(out, name) for name in names]
@@ -312,29 +322,30 @@ def export_hf(model: GPT, out_dir: str | os.PathLike, storage=None, provenance: 
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RaygptError(f"{directory}: cannot create the export folder ({e.strerror})") from None
-    return [str(directory / name) for name in _write_hf_folder(model, directory, provenance)]
+    return [str(directory / name) for name in _write_hf_folder(model, directory, provenance, dtype, card)]
 
 
-def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """``model``'s weights under ``GPT2LMHeadModel``'s names and layouts, float32, on the CPU."""
+def hf_state_dict(model: GPT, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """``model``'s weights under ``GPT2LMHeadModel``'s names and layouts, as ``dtype``, on the CPU."""
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd model wraps the original
     config = model.config
     state = {}
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and config.tie_weights:
             continue  # transformers re-ties it from wte
-        tensor = tensor.detach().to("cpu", torch.float32)
+        tensor = tensor.detach().to("cpu", dtype)
         state[name] = (tensor.t() if CONV1D_WEIGHT.match(name) else tensor).contiguous()
     if not config.qkv_bias:
         for i in range(config.n_layer):
-            state[f"transformer.h.{i}.attn.c_attn.bias"] = torch.zeros(3 * config.n_embd)
+            state[f"transformer.h.{i}.attn.c_attn.bias"] = torch.zeros(3 * config.n_embd, dtype=dtype)
     if not config.tie_weights:
         state["lm_head.weight"] = state["lm_head.weight"].clone()  # safetensors refuses shared storage
     return state
 
 
-def hf_config(config: GPTConfig) -> dict:
-    """The ``config.json`` of ``GPT2LMHeadModel`` for a raygpt model of this config."""
+def hf_config(config: GPTConfig, dtype: torch.dtype = torch.float32) -> dict:
+    """The ``config.json`` of ``GPT2LMHeadModel`` for a raygpt model of this config, whose
+    weights are stored as ``dtype``."""
     eot = EOT_ID if config.vocab_size > EOT_ID else None
     return {
         "architectures": ["GPT2LMHeadModel"],
@@ -359,11 +370,12 @@ def hf_config(config: GPTConfig) -> dict:
         "bos_token_id": eot,
         "eos_token_id": eot,
         "use_cache": True,
-        "dtype": "float32",
+        "dtype": str(dtype).removeprefix("torch."),
     }
 
 
-def _write_hf_folder(model: GPT, directory: Path, provenance: dict[str, str] | None) -> list[str]:
+def _write_hf_folder(model: GPT, directory: Path, provenance: dict[str, str] | None, dtype: torch.dtype,
+                     card: str | None) -> list[str]:
     """Write the folder's files atomically; returns their names in writing order (config last)."""
     from safetensors.torch import save_file
 
@@ -378,10 +390,12 @@ def _write_hf_folder(model: GPT, directory: Path, provenance: dict[str, str] | N
         write_local_atomically(directory / name, write)
         written.append(name)
 
-    commit(WEIGHTS_FILE, lambda tmp: save_file(hf_state_dict(model), str(tmp), metadata=metadata))
+    commit(WEIGHTS_FILE, lambda tmp: save_file(hf_state_dict(model, dtype), str(tmp), metadata=metadata))
     for name, source in _tokenizer_files().items():
         commit(name, lambda tmp, source=source: tmp.write_bytes(source.read_bytes()))
-    commit(CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(hf_config(model.config), indent=2) + "\n"))
+    if card is not None:
+        commit(MODEL_CARD_FILE, lambda tmp: tmp.write_text(card))
+    commit(CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(hf_config(model.config, dtype), indent=2) + "\n"))
     return written
 
 

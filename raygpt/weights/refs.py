@@ -1,5 +1,6 @@
 """Model references: a run name, a run folder, a checkpoint or model folder (local or
-``s3://``), or ``openai:NAME``, resolved to a model without the caller knowing which.
+``s3://``), ``openai:NAME``, or ``ift:NAME`` (a model ``raygpt ift`` fine-tuned), resolved to a
+model without the caller knowing which.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from raygpt.errors import RaygptError
 from raygpt.model import GPT, GPTConfig
+from raygpt.stages import ift_dir
 from raygpt.storage import Storage, is_remote, join
 from raygpt.weights.checkpoint import (
     CHECKPOINT_PREFIX,
@@ -26,6 +28,30 @@ from raygpt.weights.checkpoint import (
 )
 
 OPENAI_PREFIX = "openai:"
+IFT_PREFIX = "ift:"
+"""``ift:NAME``: the model ``raygpt ift`` fine-tuned and saved as NAME under ``ift.output``."""
+IFT_METRICS_FILE = "metrics.json"
+"""Written by ``raygpt ift`` beside each fine-tuned ``model/`` folder: its settings and history."""
+
+
+def fine_tuned_folder(ref: str, spec: Any) -> str:
+    """The model folder of ``ift:NAME``: ``<ift.output>/NAME/model``."""
+    name = ref[len(IFT_PREFIX):]
+    if not name or "/" in name:
+        raise RaygptError(f"{ref}: expected ift:NAME, NAME being a fine-tuned model's name (as in its answers file)")
+    return join(ift_dir(spec), name, "model")
+
+
+def prompt_style_of(ref: str, spec: Any, storage: Storage) -> str | None:
+    """The prompt style a fine-tuned model was trained with, from the ``metrics.json`` that
+    ``raygpt ift`` wrote beside its ``model/`` folder; None for any other model."""
+    folder = fine_tuned_folder(ref, spec) if ref.startswith(IFT_PREFIX) else ref.rstrip("/")
+    if not folder.endswith("/model"):
+        return None
+    metrics_uri = join(folder[:-len("/model")], IFT_METRICS_FILE)
+    if not storage.exists(metrics_uri):
+        return None
+    return (storage.read_json(metrics_uri).get("config") or {}).get("prompt_style")
 
 
 def resolve_model_folder(ref: str, storage_path: str, storage: Storage) -> str:
@@ -49,6 +75,8 @@ def model_id(ref: str) -> str:
     stays itself; a folder gives its name, prefixed with its run's for ``checkpoint_*`` folders."""
     if ref.startswith(OPENAI_PREFIX):
         name = "openai-" + ref[len(OPENAI_PREFIX):]
+    elif ref.startswith(IFT_PREFIX):
+        name = "ift-" + ref[len(IFT_PREFIX):]
     else:
         parts = [p for p in ref.rstrip("/").split("/") if p and p != "s3:"]
         name = parts[-1] if parts else ref
@@ -68,7 +96,13 @@ def describe_model(ref: str, spec: Any, storage: Storage) -> tuple[GPTConfig, st
             raise RaygptError(f"{ref}: unknown OpenAI model (known: {', '.join(OPENAI_MODELS)})")
         base = PRESETS[OPENAI_MODELS[name]]
         return GPTConfig(**{**asdict(base), "qkv_bias": True, "tie_weights": True}), None
-    folder = resolve_model_folder(ref, spec.storage_path, storage)
+    if ref.startswith(IFT_PREFIX):
+        folder = fine_tuned_folder(ref, spec)
+        if not storage.exists(join(folder, MODEL_FILE)):
+            raise RaygptError(f"{ref}: no fine-tuned model at {folder} (expected {MODEL_FILE} there); run `raygpt ift` "
+                              "first, or check the name and ift.output")
+    else:
+        folder = resolve_model_folder(ref, spec.storage_path, storage)
     config_uri = join(folder, MODEL_CONFIG_FILE)
     if not storage.exists(config_uri):
         raise RaygptError(f"{folder}: no {MODEL_CONFIG_FILE}, so the model's shape is unknown")
@@ -79,7 +113,8 @@ def load_model(ref: str, spec: Any, storage: Storage, device: str | torch.device
     """A model in eval mode on ``device`` and a description of it.
 
     ``ref``: a run name under ``spec.storage_path`` (its newest complete checkpoint), a run,
-    checkpoint or model folder (local or ``s3://``), or ``openai:NAME``. The description holds
+    checkpoint or model folder (local or ``s3://``), ``openai:NAME``, or ``ift:NAME`` (a model
+    fine-tuned by ``raygpt ift``, under ``ift.output``). The description holds
     ``id``, ``ref``, ``params``, ``step``, ``tokens``, ``checkpoint`` (the folder, None for
     OpenAI's) and ``config`` (GPTConfig fields).
     """
