@@ -2,7 +2,7 @@
 
 A strategy wraps the bare model for training (after an optional ``torch.compile``), says how
 to skip the gradient all-reduce on micro-batches that are not a step's last, and hands back
-the bare model's full state for a checkpoint. DDP is the strategy today; a sharded one
+the full model and optimizer state for a checkpoint. DDP is the strategy today; a sharded one
 (FSDP2's ``fully_shard``) is one more class here and one entry in ``STRATEGIES``.
 """
 
@@ -29,9 +29,11 @@ class ParallelStrategy:
         """Context for a micro-batch whose gradients are accumulated without communication."""
         return contextlib.nullcontext()
 
-    def full_state_dict(self, model: torch.nn.Module) -> dict[str, Any]:
-        """The bare model's complete state, as a checkpoint stores it."""
-        return model.state_dict()
+    def full_state_dicts(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                         rank: int) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """The complete model and optimizer state as a checkpoint stores it, on rank 0 (None
+        elsewhere). Called by every rank: a sharded strategy gathers here."""
+        return (model.state_dict(), optimizer.state_dict()) if rank == 0 else None
 
 
 class DDP(ParallelStrategy):

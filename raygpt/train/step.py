@@ -256,8 +256,9 @@ def start_checkpoint(w: Worker, directory: str | Path) -> None:
     state is copied to host memory now, the files are written in the background. Waits first
     for the previous save, whose host buffers the copy reuses."""
     w.writer.wait()
+    full_states = w.strategy.full_state_dicts(w.model, w.optimizer, w.rank)
     w.writer.start(snapshot_training_state(w.rank, model=w.model, optimizer=w.optimizer, trainer=w.state,
-                                           rng=w.rng, host=w.writer.host), directory)
+                                           rng=w.rng, host=w.writer.host, full_states=full_states), directory)
 
 
 def save_checkpoint(w: Worker, directory: str | Path) -> None:

@@ -129,13 +129,17 @@ class HostCopies:
 
 
 def snapshot_training_state(rank: int, *, model: nn.Module, optimizer: Stateful, trainer: Stateful,
-                            rng: Stateful, host: HostCopies | None = None) -> TrainingSnapshot:
+                            rng: Stateful, host: HostCopies | None = None,
+                            full_states: tuple[dict[str, Any], dict[str, Any]] | None = None) -> TrainingSnapshot:
     """This rank's part of a checkpoint, copied to host memory (``host`` keeps the buffers
-    between saves): once it returns, training may change the live state."""
+    between saves): once it returns, training may change the live state. ``full_states``: the
+    (model, optimizer) state dicts to store on rank 0 when the parallel strategy gathered them;
+    else the module's and optimizer's own."""
     snapshot = TrainingSnapshot(rank=rank, rng=rng.state_dict())
     if rank == 0:
         host = host or HostCopies()
-        states = host.copy({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+        model_state, optimizer_state = full_states or (model.state_dict(), optimizer.state_dict())
+        states = host.copy({"model": model_state, "optimizer": optimizer_state})
         snapshot.model, snapshot.optimizer = states["model"], states["optimizer"]
         snapshot.model_config = asdict(model.config)
         snapshot.trainer = json.loads(json.dumps(trainer.state_dict()))  # a copy, and JSON-safe now
