@@ -44,10 +44,21 @@ class GPTConfig:
     """Bias on the fused query/key/value projection (OpenAI's GPT-2 has one)."""
     tie_weights: bool = False
     """Output head shares the token embedding matrix (OpenAI's GPT-2 does)."""
+    vocab_multiple: int = 1
+    """Round the rows of the token embedding and the head up to a multiple of this (64: 50257
+    -> 50304), for faster matmuls on GPUs. The padding rows are never predicted. 1, the
+    default and what a saved config without this field means, pads nothing."""
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.vocab_multiple < 1:
+            raise ValueError(f"vocab_multiple={self.vocab_multiple} must be at least 1")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of ``wte`` and ``lm_head``: ``vocab_size`` rounded up to ``vocab_multiple``."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
 
 # Architecture presets. The GPT-2 family uses context 1024; the small presets keep tests and
@@ -200,13 +211,13 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
             wpe=nn.Embedding(config.context_length, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         if config.tie_weights:
             self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
@@ -224,15 +235,24 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameters, tied ones counted once. ``non_embedding`` leaves out the position
-        embedding (and the token embedding unless it doubles as the head), as in the
-        Kaplan/Chinchilla FLOP counts."""
+        """Parameters of the model without vocabulary padding, tied ones counted once.
+        ``non_embedding`` leaves out the position embedding (and the token embedding unless it
+        doubles as the head), as in the Kaplan/Chinchilla FLOP counts."""
+        c = self.config
         n = sum(p.numel() for p in self.parameters())  # parameters() yields tied tensors once
+        n -= (c.padded_vocab_size - c.vocab_size) * c.n_embd * (1 if c.tie_weights else 2)
         if non_embedding:
             n -= self.transformer.wpe.weight.numel()
-            if not self.config.tie_weights:
-                n -= self.transformer.wte.weight.numel()
+            if not c.tie_weights:
+                n -= c.vocab_size * c.n_embd
         return n
+
+    def unpadded_state_dict(self) -> dict[str, torch.Tensor]:
+        """``state_dict()`` with ``wte`` and ``lm_head`` cut to ``vocab_size`` rows (views, not
+        copies): the weights of this model built with ``vocab_multiple=1``, as exports need."""
+        vocab = slice(0, self.config.vocab_size)
+        return {name: tensor[vocab] if name in ("transformer.wte.weight", "lm_head.weight") else tensor
+                for name, tensor in self.state_dict().items()}
 
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token (forward + backward): 6 per weight, plus attention's
@@ -261,7 +281,8 @@ class GPT(nn.Module):
             loss = chunked_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
                                          self.config.vocab_size)
             return None, loss
-        return self.lm_head(x), None  # (B, T, vocab)
+        logits = self.lm_head(x)  # (B, T, padded vocab)
+        return logits[..., :self.config.vocab_size], None
 
     def configure_optimizer(self, lr: float, weight_decay: float, betas: tuple[float, float],
                             device_type: str) -> torch.optim.AdamW:

@@ -1,5 +1,5 @@
 """Model: parameter counts of the presets, shapes, loss masking, KV-cached batched generation, the
-chunked loss against plain cross-entropy (eager and compiled)."""
+chunked loss against plain cross-entropy (eager and compiled), and the padded vocabulary."""
 
 import subprocess
 import sys
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from raygpt.config import ModelConfig
 from raygpt.errors import RaygptError
-from raygpt.model import GPT, PRESETS, chunked_cross_entropy, config_from_spec
+from raygpt.model import GPT, PRESETS, GPTConfig, chunked_cross_entropy, config_from_spec
 
 
 def test_gpt2_small_parameter_counts():
@@ -94,7 +94,7 @@ def test_generation_stops_at_eos_and_samples_reproducibly():
 
 
 # ---------------------------------------------------------------------------------------------
-# The chunked loss
+# The chunked loss and the padded vocabulary
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 12, 36, 100])  # 36 rows: 7 does not divide them, 100 is one chunk
@@ -118,7 +118,7 @@ def test_chunked_cross_entropy_matches_full_logits_loss_and_grads(chunk_size):
 
 def test_model_loss_and_grads_equal_cross_entropy_of_its_logits():
     torch.manual_seed(0)
-    model = GPT(replace(PRESETS["tiny"], tie_weights=True))
+    model = GPT(replace(PRESETS["tiny"], vocab_multiple=64, tie_weights=True))
     idx = torch.randint(0, 50257, (2, 12))
     targets = idx.roll(-1, dims=1)
     targets[1, 5:] = -100
@@ -133,7 +133,7 @@ def test_model_loss_and_grads_equal_cross_entropy_of_its_logits():
 
 def test_compiled_model_matches_eager_loss_and_grads():
     torch.manual_seed(0)
-    model = GPT(replace(PRESETS["tiny"], n_layer=1))
+    model = GPT(replace(PRESETS["tiny"], n_layer=1, vocab_multiple=64))
     idx = torch.randint(0, 50257, (2, 8))
     targets = idx.roll(-1, dims=1)
     targets[0, :3] = -100
@@ -143,6 +143,39 @@ def test_compiled_model_matches_eager_loss_and_grads():
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
     for grad, eager_grad in zip(torch.autograd.grad(compiled, list(model.parameters())), eager_grads):
         torch.testing.assert_close(grad, eager_grad, rtol=0, atol=1e-5)
+
+
+def test_padded_vocabulary_counts_and_exports_as_the_unpadded_model():
+    with torch.device("meta"):  # no memory, no init: only shapes
+        padded = GPT(replace(PRESETS["gpt2-small"], vocab_multiple=64))
+        openai_padded = GPT(replace(PRESETS["gpt2-small"], qkv_bias=True, tie_weights=True, vocab_multiple=64))
+    assert padded.lm_head.weight.shape == padded.transformer.wte.weight.shape == (50304, 768)
+    assert padded.num_params() == 163_009_536
+    assert openai_padded.num_params() == 124_439_808
+    assert padded.flops_per_token(1024) == 6 * (163_009_536 - 1024 * 768 - 50257 * 768) + 12 * 12 * 768 * 1024
+    # A saved config from before the field existed means no padding.
+    assert GPTConfig(**{"n_layer": 2, "n_head": 2, "n_embd": 32}).padded_vocab_size == 50257
+
+
+@pytest.mark.parametrize("tie_weights", [False, True])
+def test_padding_rows_are_never_predicted(tie_weights):
+    torch.manual_seed(0)
+    config = replace(PRESETS["tiny"], vocab_multiple=64, tie_weights=tie_weights)
+    model = GPT(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight[50257:] = 100.0  # logits these rows would win everywhere
+    plain = GPT(replace(config, vocab_multiple=1)).eval()
+    plain.load_state_dict(model.unpadded_state_dict())
+    idx = torch.randint(0, 50257, (2, 10))
+    logits, _ = model(idx)
+    assert logits.shape == (2, 10, 50257)
+    torch.testing.assert_close(logits, plain(idx)[0])
+    torch.testing.assert_close(model(idx, idx)[1], plain(idx, idx)[1])
+    prompts = [[1, 2, 3, 4, 5], [7, 8]]
+    batched = model.generate(prompts, max_new_tokens=8, eos_id=None)
+    assert batched == [_greedy_without_cache(model, p, 8) for p in prompts] == plain.generate(prompts, 8, eos_id=None)
+    sampled = model.generate(prompts, 8, temperature=1.0, eos_id=None, generator=torch.Generator().manual_seed(0))
+    assert max(max(s) for s in sampled) < 50257
 
 
 def test_model_imports_neither_the_tokenizer_nor_the_cluster_stack():
