@@ -48,6 +48,11 @@ class ModelConfig:
     qkv_bias: bool = False
     """Bias on the query/key/value projection. OpenAI's GPT-2 has one; the book's from-scratch run does not."""
 
+    vocab_multiple: int = 1
+    """Pad the token embedding and the head to a multiple of this many rows (64: 50257 -> 50304,
+    faster matmuls on GPUs). The padding rows are never predicted, exports and evaluation drop
+    them, and parameter counts are the unpadded model's. 1: no padding."""
+
     tie_weights: bool = False
     """Share the token embedding with the output head. OpenAI's GPT-2 ties them (124M params);
     untied gpt2-small has 163M."""

@@ -77,7 +77,8 @@ def config_from_spec(model_spec) -> GPTConfig:
     """A ``GPTConfig`` from a run spec's ``model`` section (preset plus overrides)."""
     if model_spec.preset not in PRESETS:
         raise RaygptError(f"model.preset: unknown preset {model_spec.preset!r} (known: {', '.join(PRESETS)})")
-    overrides = dict(dropout=model_spec.dropout, qkv_bias=model_spec.qkv_bias, tie_weights=model_spec.tie_weights)
+    overrides = dict(dropout=model_spec.dropout, qkv_bias=model_spec.qkv_bias, tie_weights=model_spec.tie_weights,
+                     vocab_multiple=model_spec.vocab_multiple)
     if model_spec.context_length is not None:
         overrides["context_length"] = model_spec.context_length
     return replace(PRESETS[model_spec.preset], **overrides)

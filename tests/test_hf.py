@@ -420,3 +420,20 @@ def test_hellaswag_of_an_openai_ref_scores_the_imported_model(tiny_hf, monkeypat
     assert result["model"] == "openai-gpt2" and result["checkpoint"] is None and result["items"] == 2
     direct = score_items(load_hf_dir(directory), items, "cpu")
     assert {k: result[k] for k in direct} == direct
+
+
+def test_a_padded_vocabulary_exports_as_gpt2s_and_predicts_the_same(tmp_path):
+    torch.manual_seed(6)
+    ours = _perturb(GPT(replace(PRESETS["tiny"], tie_weights=True, qkv_bias=True, vocab_multiple=64)), seed=6)
+    assert ours.transformer.wte.weight.shape[0] == 50304
+    assert ours.num_params() == GPT(replace(PRESETS["tiny"], tie_weights=True, qkv_bias=True)).num_params()
+    export_hf(ours, tmp_path / "export")
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
+    assert theirs.config.vocab_size == 50257 and theirs.transformer.wte.weight.shape[0] == 50257
+    tokens = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ours_logits = ours(tokens)[0][..., :50257]
+        assert (ours_logits - theirs(tokens).logits).abs().max().item() < TOLERANCE
+        _, loss = ours(tokens, tokens)
+        theirs_loss = torch.nn.functional.cross_entropy(theirs(tokens).logits.flatten(0, 1), tokens.flatten())
+    assert loss.item() == pytest.approx(theirs_loss.item(), abs=1e-4)

@@ -330,7 +330,7 @@ def hf_state_dict(model: GPT, dtype: torch.dtype = torch.float32) -> dict[str, t
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd model wraps the original
     config = model.config
     state = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in model.unpadded_state_dict().items():  # a padded vocabulary's extra rows are not GPT-2's
         if name == "lm_head.weight" and config.tie_weights:
             continue  # transformers re-ties it from wte
         tensor = tensor.detach().to("cpu", dtype)
