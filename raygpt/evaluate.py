@@ -72,12 +72,37 @@ def model_test_loss(ref: str, spec: RunSpec, storage: Storage, seq_len: int) -> 
             "checkpoint": info["checkpoint"], "device": str(device)}
 
 
-def evaluate(spec: RunSpec, models: list[str], address: str | None = None,
-             num_cpus: int | None = None) -> dict[str, Any]:
-    """Score ``models`` on the test split and write ``test_loss.json``; returns its contents."""
+def per_model_tasks(function, models: list[str], args: tuple, what: str, address: str | None,
+                    num_cpus: int | None) -> list[dict[str, Any]]:
+    """``function(ref, *args)`` for every model, each in its own Ray task (a GPU each when the
+    cluster has GPUs); the first failure is one RaygptError."""
     import ray
 
     from raygpt.cluster import cluster_has_gpus, connect, failure_message, task_runtime_env
+
+    connect(address, num_cpus)
+    task = ray.remote(function).options(num_gpus=1 if cluster_has_gpus() else 0, num_cpus=1, max_retries=1,
+                                        runtime_env=task_runtime_env())
+    shared = [ray.put(a) for a in args]  # once, not once per model
+    try:
+        return ray.get([task.remote(ref, *shared) for ref in models])
+    except ray.exceptions.RayTaskError as e:
+        raise RaygptError(failure_message(e, what)) from None
+
+
+def earlier_results(uri: str, storage: Storage, results: list[dict[str, Any]], **same: Any) -> list[dict[str, Any]]:
+    """The results already in ``uri`` for models not evaluated now, when it was measured the
+    same way (every key of ``same`` equal): a document gathers models evaluated at other times."""
+    previous = storage.read_json(uri) if storage.exists(uri) else None
+    if not previous or any(previous.get(key) != value for key, value in same.items()):
+        return []
+    evaluated = {r["ref"] for r in results}
+    return [r for r in previous.get("results", []) if r["ref"] not in evaluated]
+
+
+def evaluate(spec: RunSpec, models: list[str], address: str | None = None,
+             num_cpus: int | None = None) -> dict[str, Any]:
+    """Score ``models`` on the test split and write ``test_loss.json``; returns its contents."""
     from raygpt.data.batches import count_eval_windows
     from raygpt.data.manifest import load_manifest, manifest_hash
 
@@ -98,24 +123,11 @@ def evaluate(spec: RunSpec, models: list[str], address: str | None = None,
         raise RaygptError(f"{spec.eval.dataset}: the test split has {manifest['splits']['test']['tokens']:,} tokens, "
                           f"fewer than one window of {seq_len + 1}")
 
-    connect(address, num_cpus)
-    gpus = cluster_has_gpus()
-    task = ray.remote(model_test_loss).options(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=1,
-                                               runtime_env=task_runtime_env())
-    pending = [task.remote(ref, spec, storage, seq_len) for ref in models]
-    try:
-        results = ray.get(pending)
-    except ray.exceptions.RayTaskError as e:
-        raise RaygptError(failure_message(e, "evaluation")) from None
-
+    results = per_model_tasks(model_test_loss, models, (spec, storage, seq_len), "evaluation", address, num_cpus)
     digest = manifest_hash(manifest)
     uri = join(output, TEST_LOSS_FILE)
-    previous = storage.read_json(uri) if storage.exists(uri) else None
-    kept = []
-    if previous and previous.get("manifest_sha256") == digest and previous.get("seq_len") == seq_len \
-            and previous.get("test_tokens") == windows * seq_len:
-        evaluated = {r["ref"] for r in results}
-        kept = [r for r in previous.get("results", []) if r["ref"] not in evaluated]
+    kept = earlier_results(uri, storage, results, manifest_sha256=digest, seq_len=seq_len,
+                           test_tokens=windows * seq_len)
     document = {"dataset": spec.eval.dataset, "manifest_sha256": digest, "split": "test", "seq_len": seq_len,
                 "test_tokens": windows * seq_len, "results": sorted(kept + results, key=lambda r: r["test_loss"])}
     storage.write_json(uri, document)
@@ -156,9 +168,6 @@ def model_hellaswag(ref: str, spec: RunSpec, storage: Storage, items: list) -> d
 def evaluate_hellaswag(spec: RunSpec, models: list[str], address: str | None = None,
                        num_cpus: int | None = None) -> dict[str, Any]:
     """Score ``models`` on HellaSwag and write ``hellaswag.json``; returns its contents."""
-    import ray
-
-    from raygpt.cluster import cluster_has_gpus, connect, failure_message, task_runtime_env
     from raygpt.hellaswag import load_items
 
     if not models:
@@ -171,21 +180,10 @@ def evaluate_hellaswag(spec: RunSpec, models: list[str], address: str | None = N
     items, sha256 = load_items(spec.eval.hellaswag_data, storage=storage)
     items = items[:spec.eval.hellaswag_max_items]
 
-    connect(address, num_cpus)
-    task = ray.remote(model_hellaswag).options(num_gpus=1 if cluster_has_gpus() else 0, num_cpus=1, max_retries=1,
-                                               runtime_env=task_runtime_env())
-    items_ref = ray.put(items)
-    try:
-        results = ray.get([task.remote(ref, spec, storage, items_ref) for ref in models])
-    except ray.exceptions.RayTaskError as e:
-        raise RaygptError(failure_message(e, "HellaSwag evaluation")) from None
-
+    results = per_model_tasks(model_hellaswag, models, (spec, storage, items), "HellaSwag evaluation", address,
+                              num_cpus)
     uri = join(output, HELLASWAG_FILE)
-    previous = storage.read_json(uri) if storage.exists(uri) else None
-    kept = []
-    if previous and previous.get("data_sha256") == sha256 and previous.get("items") == len(items):
-        evaluated = {r["ref"] for r in results}
-        kept = [r for r in previous.get("results", []) if r["ref"] not in evaluated]
+    kept = earlier_results(uri, storage, results, data_sha256=sha256, items=len(items))
     document = {"task": "hellaswag", "data": spec.eval.hellaswag_data, "data_sha256": sha256, "items": len(items),
                 "scoring": "completion (llm.c, build-nanogpt): acc by summed, acc_norm by mean ending token loss",
                 "results": sorted(kept + results, key=lambda r: -r["acc_norm"])}
