@@ -13,8 +13,10 @@ and the Ray-free GPU check (``benchmarks/gpu_check.py``) both run exactly these.
 from __future__ import annotations
 
 import contextlib
+import getpass
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,12 +80,23 @@ class DeviceBatches:
 
 def persistent_compile_cache() -> str:
     """Point inductor's caches (compiled kernels, FX graphs, AOTAutograd, Triton) at
-    ``~/.cache/raygpt/inductor`` unless ``TORCHINDUCTOR_CACHE_DIR`` says where; returns the
-    folder. Torch's default is under ``/tmp``, which container restarts and tmp cleaners
-    empty; here a restarted worker on the node loads its kernels instead of compiling them
-    for a minute."""
-    default = Path.home() / ".cache" / "raygpt" / "inductor"
-    return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default))
+    ``~/.cache/raygpt/inductor`` unless ``TORCHINDUCTOR_CACHE_DIR`` names another folder;
+    returns the folder. Torch's default is under ``/tmp``, which container restarts and tmp
+    cleaners empty; here a restarted worker on the node loads its kernels instead of compiling
+    them for a minute. Torch writes its default into the variable once it has used it, so
+    that value counts as unset."""
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == os.path.abspath(torch_default_compile_cache()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path.home() / ".cache" / "raygpt" / "inductor")
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+
+
+def torch_default_compile_cache() -> str:
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # torch moved it: its rule, as of torch 2.13
+        return os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
+    return default_cache_dir()
 
 
 @dataclass

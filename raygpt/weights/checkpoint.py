@@ -150,15 +150,16 @@ def write_training_snapshot(snapshot: TrainingSnapshot, directory: str | Path) -
     """Write a snapshot's files into the local folder ``directory``.
 
     ``trainer_state.json`` goes last (atomically, with the sizes of the tensor files), so a
-    reader can tell a complete checkpoint from one cut off mid-write or mid-upload; an old one
-    is removed first, so a folder being rewritten never looks complete.
+    reader can tell a complete checkpoint from one cut off mid-write or mid-upload; rank 0
+    removes an old one first, so a folder being rewritten never looks complete.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if snapshot.rank != 0:
+        torch.save(snapshot.rng, directory / rng_file(snapshot.rank))
+        return
     (directory / TRAINER_STATE_FILE).unlink(missing_ok=True)
     torch.save(snapshot.rng, directory / rng_file(snapshot.rank))
-    if snapshot.rank != 0:
-        return
     torch.save(snapshot.model, directory / MODEL_FILE)
     torch.save(snapshot.optimizer, directory / OPTIMIZER_FILE)
     (directory / MODEL_CONFIG_FILE).write_text(json.dumps(snapshot.model_config, indent=2) + "\n")
