@@ -40,6 +40,8 @@ from raygpt.stages import ANSWERS_FOLDER, ift_dir
 from raygpt.storage import Storage, is_remote, join
 from raygpt.tokenizer import ENDOFTEXT, EOT_ID, get_tokenizer
 from raygpt.train.components import Precision, choose_precision
+from raygpt.train.metrics import MetricsStream
+from raygpt.train.sinks import prepare_trackers, tracker_sinks
 
 IGNORE_INDEX = -100
 """Target value that ``GPT.forward``'s cross-entropy skips."""
@@ -175,7 +177,8 @@ def evaluate_loss(model, dataset: InstructionDataset, cfg: IftConfig, device: st
 
 
 def finetune(model, train: Sequence[dict[str, str]], val: Sequence[dict[str, str]], cfg: IftConfig,
-             device: str | torch.device = "cpu", log: Log | None = None) -> tuple[Any, dict[str, Any]]:
+             device: str | torch.device = "cpu", log: Log | None = None,
+             on_metrics: Callable[[dict[str, Any]], Any] | None = None) -> tuple[Any, dict[str, Any]]:
     """Fine-tune ``model`` on instruction examples; return it with the best weights, and the history.
 
     AdamW (no decay on biases and LayerNorms) at a constant ``cfg.lr``, ``cfg.batch_size``
@@ -183,9 +186,11 @@ def finetune(model, train: Sequence[dict[str, str]], val: Sequence[dict[str, str
     is computed before the first step, every ``cfg.eval_interval`` steps and after the last;
     training stops after ``cfg.patience`` validations without a new best. The best weights are
     kept as a copy, not as ``state_dict()`` (whose tensors are the live parameters), and loaded
-    back at the end.
+    back at the end. ``on_metrics`` gets each validation's losses as a metrics-stream report
+    (``step``, ``loss``, ``val_loss``, ``epoch``, ``tokens``): the experiment trackers.
     """
     log = log or (lambda message: None)
+    on_metrics = on_metrics or (lambda report: None)
     style = get_prompt_style(cfg.prompt_style)
     train_set, val_set = InstructionDataset(train, style), InstructionDataset(val, style)
     device = torch.device(device)
@@ -205,6 +210,7 @@ def finetune(model, train: Sequence[dict[str, str]], val: Sequence[dict[str, str
     best_step, best_state = 0, _copy_state(model)
     history["val"].append({"step": 0, "epoch": 0.0, "loss": best_loss})
     log(f"step 0/{planned_steps}: val loss {best_loss:.4f}")
+    on_metrics({"step": 0, "val_loss": best_loss, "epoch": 0.0, "tokens": 0})
     step, tokens, window = 0, 0, []
     evals_since_best, stopped_early = 0, False
     started = time.perf_counter()
@@ -231,6 +237,7 @@ def finetune(model, train: Sequence[dict[str, str]], val: Sequence[dict[str, str
             window = []
             val_loss = evaluate_loss(model, val_set, cfg, device, precision)
             history["val"].append({"step": step, "epoch": epoch, "loss": val_loss})
+            on_metrics({"step": step, "loss": window_loss, "val_loss": val_loss, "epoch": epoch, "tokens": tokens})
             improved = val_loss < best_loss
             if improved:
                 best_loss, best_step, best_state = val_loss, step, _copy_state(model)
@@ -345,7 +352,13 @@ def finetune_one(ref: str, spec: RunSpec, storage: Storage, splits: InstructionS
             return {**previous["summary"], "skipped": True}
     log(f"{base['params'] or model.num_params():,} parameters on {device}; fine-tuning on "
         f"{len(splits.train)} examples, validating on {len(splits.val)}")
-    model, history = finetune(model, splits.train, splits.val, cfg, device, log)
+    trackers = prepare_trackers(spec.log, f"{spec.name}-ift-{name}", join(output, name, "tensorboard"),
+                                {"base_model": ref, "ift": _result_settings(cfg)})
+    stream = MetricsStream([], tracker_sinks(trackers, storage, {"base_model": ref, "ift": _result_settings(cfg)}))
+    try:
+        model, history = finetune(model, splits.train, splits.val, cfg, device, log, on_metrics=stream.add)
+    finally:
+        stream.close()
     started = time.perf_counter()
     items = generate_answers(model, splits.test, cfg, log)
     generate_seconds = time.perf_counter() - started

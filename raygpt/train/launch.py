@@ -45,7 +45,7 @@ from raygpt.train.metrics import MetricsStream, read_metrics, summarize
 from raygpt.train.plan import TrainPlan, plan_run
 from raygpt.train.progress import ProgressView
 from raygpt.train.runrecord import RunRecord
-from raygpt.train.sinks import MetricsFile, QueueSink, SampleLog, prepare_trackers, tracker_sinks
+from raygpt.train.sinks import MetricsFile, QueueSink, prepare_trackers, tracker_sinks
 from raygpt.weights.checkpoint import (
     MODEL_CONFIG_FILE,
     TRAINER_STATE_FILE,
@@ -173,7 +173,7 @@ def train(spec: RunSpec, address: str | None = None, num_cpus: int | None = None
     record.write()
 
     queue = Queue(actor_options={"num_cpus": 0})
-    sinks = [MetricsFile(run_uri, storage), QueueSink(queue), SampleLog(),
+    sinks = [MetricsFile(run_uri, storage), QueueSink(queue),
              *tracker_sinks(trackers, storage, config_record, final_step=plan.stop_step)]
     stream = MetricsStream(read_metrics(run_uri, storage), sinks)
     ray_storage_path, ray_filesystem = storage.ray_storage(spec.storage_path)

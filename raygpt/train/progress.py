@@ -7,8 +7,10 @@ from typing import Any
 
 from ray.util.queue import Empty
 from rich.console import Console
+from rich.markup import escape
 
 from raygpt.train.plan import TrainPlan
+from raygpt.train.sinks import format_samples
 
 
 class ProgressView:
@@ -80,6 +82,8 @@ class ProgressView:
                 self._print(f"step {record['step']}: {line}")
         else:
             self._print(f"step {record['step']}/{self.plan.stop_step} {line}")
+        if record.get("samples"):
+            self._print(escape(format_samples(record["step"], record["samples"])))  # model text is not markup
 
     def _print(self, text: str) -> None:
         (self._progress.console if self._progress is not None else self.console).print(text, highlight=False)

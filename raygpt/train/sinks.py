@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from raygpt.config import LogConfig
 from raygpt.errors import RaygptError, last_line
@@ -87,18 +88,9 @@ class QueueSink(MetricsSink):
         self.queue.put(event)
 
 
-class SampleLog(MetricsSink):
-    """Prints the samples that rank 0 generates at each validation (``log.sample_prompts``)
-    into the run's log, once per step."""
-
-    def write(self, report: dict[str, Any], records: list[dict[str, Any]]) -> None:
-        samples = report.get("samples")
-        if samples:
-            print(format_samples(report["step"], samples), flush=True)
-
-
 def format_samples(step: int, samples: list[dict[str, str]]) -> str:
-    """The samples of one step as the log shows them: the prompt, then what the model added."""
+    """The samples rank 0 generates at a validation (``log.sample_prompts``) as the driver's
+    log and the trackers show them: the prompt, then what the model added."""
     lines = [f"samples at step {step}:"]
     lines += [f"  {s['prompt']!r} -> {s['text']!r}" for s in samples]
     return "\n".join(lines)
@@ -151,9 +143,14 @@ class TrackerSink(MetricsSink):
     def __init__(self, final_step: int | None = None):
         self.final_step = final_step
         self._opened = self._failed = self._closed = False
+        self._logged_to = -1  # IFT logs its first validation at step 0
+        """Steps up to here are in the tracker run already (logged by a session that died
+        before ``metrics.jsonl`` caught up): they are not logged again."""
 
     # What each tracker implements.
     def _open(self, first_step: int) -> None:
+        """Start or resume the tracker run; ``first_step`` is the first step this session logs.
+        May set ``_logged_to`` from what the tracker run holds."""
         raise NotImplementedError
 
     def _log(self, step: int, values: dict[str, float], walltime: float | None) -> None:
@@ -191,8 +188,9 @@ class TrackerSink(MetricsSink):
 
     def _write(self, report: dict[str, Any], points: list[tuple[int, dict[str, float]]]) -> None:
         for step, values in points:
-            self._log(step, values, report.get("time"))
-        if report.get("samples"):
+            if step > self._logged_to:
+                self._log(step, values, report.get("time"))
+        if report.get("samples") and int(report["step"]) > self._logged_to:
             self._log_samples(int(report["step"]), report["samples"])
 
     def event(self, event: dict[str, Any]) -> None:
@@ -237,8 +235,10 @@ class TensorBoardSink(TrackerSink):
         local = tempfile.mkdtemp(prefix="raygpt-tensorboard-") if is_remote(self.logdir) else self.logdir
         Path(local).mkdir(parents=True, exist_ok=True)
         self._local = local
+        # A suffix of its own: two sessions started within one second on one host must not
+        # write (or upload) the same file name.
         self._writer = _summary_writer_class()(local, purge_step=first_step if first_step > 1 else None,
-                                               flush_secs=30)
+                                               flush_secs=30, filename_suffix=f".{secrets.token_hex(4)}")
 
     def _log(self, step: int, values: dict[str, float], walltime: float | None) -> None:
         for name, value in values.items():
@@ -266,7 +266,7 @@ class TensorBoardSink(TrackerSink):
 
 class WandbSink(TrackerSink):
     """A Weights & Biases run (online, or offline files that ``wandb sync`` uploads later),
-    resumed by its id."""
+    resumed by its id. W&B itself ignores a step at or below one a resumed run already has."""
 
     name = "wandb"
 
@@ -279,9 +279,12 @@ class WandbSink(TrackerSink):
 
         Path(self.ids["dir"]).mkdir(parents=True, exist_ok=True)
         # console="off": Ray already collects this process's output; W&B must not wrap it.
+        # reinit="create_new": a process that already ran a W&B run (a Ray worker that ran
+        # another IFT model) starts a run of its own; otherwise W&B drops what it logs.
         self._run = wandb.init(project=self.ids["project"], entity=self.ids.get("entity"), id=self.ids["id"],
-                               name=self.ids["name"], resume="allow", mode=self.ids["mode"], dir=self.ids["dir"],
-                               config=self.config, settings=wandb.Settings(console="off", silent=True))
+                               name=self.ids["name"], resume="allow", reinit="create_new", mode=self.ids["mode"],
+                               dir=self.ids["dir"], config=self.config,
+                               settings=wandb.Settings(console="off", silent=True))
 
     def _log(self, step: int, values: dict[str, float], walltime: float | None) -> None:
         self._run.log(values, step=step)
@@ -300,7 +303,8 @@ class WandbSink(TrackerSink):
 
 
 class MlflowSink(TrackerSink):
-    """An MLflow run on a tracking server or local store, created by ``prepare_trackers``."""
+    """An MLflow run on a tracking server or local store, created by ``prepare_trackers``. A
+    resumed session asks the run for its last step first, and logs only the steps after it."""
 
     name = "mlflow"
     BATCH = 1000  # MLflow's limit of metrics per log_batch call
@@ -313,6 +317,9 @@ class MlflowSink(TrackerSink):
         from mlflow.tracking import MlflowClient
 
         self._client = MlflowClient(self.ids["tracking_uri"])
+        if first_step > 1:  # a resumed run: what did the session before this one log?
+            history = self._client.get_metric_history(self.ids["run_id"], "train/loss")
+            self._logged_to = max((m.step for m in history), default=-1)
 
     def _log(self, step: int, values: dict[str, float], walltime: float | None) -> None:
         from mlflow.entities import Metric
@@ -400,9 +407,12 @@ def _mlflow_run(log: LogConfig, name: str, config: dict[str, Any], previous: dic
     from mlflow.tracking import MlflowClient
 
     uri = log.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+    # Relative locations made absolute: the sink runs in another process, maybe in another folder.
     if uri.startswith("file:") and not uri.startswith("file:/"):
         uri = "file:" + str(Path(uri[len("file:"):]).absolute())
-    elif "://" not in uri:  # a bare folder, which MLflow reads as a file store
+    elif uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).absolute())
+    elif not urlsplit(uri).scheme:  # a bare folder, which MLflow reads as a file store
         uri = str(Path(uri).absolute())
     try:
         client = MlflowClient(uri)
