@@ -88,3 +88,68 @@ def test_a_missing_model_fails_before_any_task(models, capsys):
     assert "eval.models: no models to evaluate" in capsys.readouterr().err
     assert main(["eval", spec_path, "--model", "openai:gpt5"]) == 2
     assert "openai:gpt5: unknown OpenAI model" in capsys.readouterr().err
+
+
+HELLASWAG_SAMPLE = [
+    {"ind": 24, "ctx": "A man is sitting on a roof. he",
+     "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.", "is holding a rubik's cube.",
+                 "starts pulling up roofing on a roof."], "label": 3},
+    {"ctx": "The cat sat on the mat. Then it",
+     "endings": ["fell asleep.", "ate a sandwich with a fork and knife.", "flew.", "purred softly in the sun."],
+     "label": 0},
+    {"ctx": "She opened the oven and", "endings": ["took out the bread.", "sang.", "closed it again quickly.", "left."],
+     "label": 2},
+    {"ctx": "He tied his shoes and",
+     "endings": ["went for a run.", "read a book.", "drove the bus to the city centre.", "slept."], "label": 0},
+    {"ctx": "The children built a sandcastle, and then the tide", "endings": ["came in.", "sang.", "left.", "froze."],
+     "label": 0},
+]
+
+
+def test_hellaswag_scores_checkpoints_and_is_merged_by_model(models, tmp_path, capsys):
+    import json
+
+    from rich.console import Console
+
+    from raygpt.hellaswag import parse_items, score_items
+    from raygpt.report import build_report, render_terminal
+
+    root, spec_path, nets = models
+    data = tmp_path / "hellaswag_sample.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in HELLASWAG_SAMPLE))
+    long_ref = join(root, "ift", "long", "model")
+    flags = ["--set", f"eval.hellaswag_data={data}", "--set", "eval.hellaswag_max_items=4"]
+    assert main(["eval", spec_path, "--task", "hellaswag", "--model", "short", *flags]) == 0
+    out = capsys.readouterr().out
+    assert "HellaSwag on 4 items" in out and "acc_norm" in out
+    assert main(["eval", spec_path, "--task", "hellaswag", "--model", long_ref, *flags]) == 0
+
+    document = Storage().read_json(join(root, "eval", "hellaswag.json"))
+    assert document["items"] == 4 and document["data"] == str(data) and len(document["data_sha256"]) == 64
+    items = parse_items(data.read_bytes(), str(data))[:4]
+    results = {r["ref"]: r for r in document["results"]}
+    assert set(results) == {"short", long_ref}  # the second evaluation kept the first's result
+    for ref, net in (("short", nets["short"]), (long_ref, nets["long"])):
+        direct = score_items(net, items, "cpu")
+        assert {k: results[ref][k] for k in ("acc", "acc_norm", "correct", "correct_norm", "items")} == direct
+    assert results["short"]["step"] == 10
+
+    # The report shows the column beside the test loss.
+    report = build_report(load_spec(spec_path), Storage())
+    by_model = {row.model: row for row in report.rows}
+    assert by_model["short"].hellaswag == results["short"]["acc_norm"]
+    render_terminal(report, Console(width=200))
+    assert "HellaSwag" in capsys.readouterr().out
+
+
+def test_hellaswag_source_problems_are_one_line(models, tmp_path, capsys):
+    root, spec_path, _ = models
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"ctx": "x", "endings": ["a", "b"], "label": 0}\n')
+    assert main(["eval", spec_path, "--task", "hellaswag", "--model", "short", "--set",
+                 f"eval.hellaswag_data={bad}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"raygpt eval: error: {bad}:1: 2 endings, expected 4") and "Traceback" not in err
+    assert main(["eval", spec_path, "--task", "hellaswag", "--model", "nope", "--set",
+                 f"eval.hellaswag_data={bad}"]) == 2  # a bad model fails before the data is read
+    assert "model 'nope': no checkpoint found" in capsys.readouterr().err
