@@ -186,9 +186,10 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def connect_hub(repo_id: str, timeout_s: float = HUB_TIMEOUT_S):
+def connect_hub(repo_id: str, timeout_s: float | None = None):
     """An ``HfApi`` for pushing to ``repo_id``, after checking, in one request of at most
-    ``timeout_s`` seconds (``/api/whoami-v2``), that the Hub answers and accepts the token.
+    ``timeout_s`` seconds (default ``HUB_TIMEOUT_S``; ``/api/whoami-v2``), that the Hub answers
+    and accepts the token.
 
     The endpoint is ``$HF_ENDPOINT``, else huggingface.co; the token ``$HF_TOKEN``, else the
     one ``hf auth login`` stored. Any problem is one RaygptError, before anything is exported.
@@ -197,6 +198,7 @@ def connect_hub(repo_id: str, timeout_s: float = HUB_TIMEOUT_S):
         from huggingface_hub import HfApi, get_token
     except ImportError:
         raise RaygptError("--push-to-hub: huggingface_hub is not installed: pip install 'raygpt[hub]'") from None
+    timeout_s = timeout_s or HUB_TIMEOUT_S
     endpoint = (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
     token = get_token()
     if not token:
