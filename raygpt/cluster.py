@@ -1,9 +1,10 @@
 """Ray as raygpt uses it: joining a cluster, what tasks inherit, and what a failure says.
 
 Everything that touches Ray beyond its public API is here, each with the reason: Ray Train
-logs every report under a logger named after an internal file (``quiet_report_logs``), and
-the controller's report polling is a setting read from the environment
-(``poll_reports_often``).
+logs every report under a logger named after an internal file (``quiet_report_logs``), the
+controller's report polling is a setting read from the environment
+(``poll_reports_often``), and workers put the driver's folder first on their path, where a
+``raygpt/`` checkout would shadow the installed package (``package_root``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from pathlib import Path
 
 import ray
 
@@ -43,11 +45,41 @@ def _start_local(num_cpus: int | None) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ["RAY_ADDRESS"] = f"http://127.0.0.1:{port}"  # unset here: connect() came this way
+    python_path = os.environ.get("PYTHONPATH")
+    root = package_root()
+    if root:
+        os.environ["PYTHONPATH"] = os.pathsep.join([root, python_path] if python_path else [root])
     try:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  dashboard_port=port, log_to_driver=True)
     finally:
         del os.environ["RAY_ADDRESS"]  # this process is connected; a later connect() starts afresh
+        if python_path is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = python_path
+
+
+def package_root() -> str | None:
+    """The folder holding the ``raygpt`` package this process runs, unless it is a site folder.
+
+    Ray's workers put the driver's current folder first on their ``sys.path``. Right after
+    ``git clone .../raygpt && pip install -e raygpt`` that folder holds ``raygpt/``, the checkout,
+    with no ``__init__.py``: the workers import it as an empty namespace package ("cannot
+    import name '__version__' from 'raygpt' (unknown location)"). An editable install is found
+    through an import hook, which Python asks only after every ``sys.path`` entry came up
+    empty, and a namespace package does not come up empty. A regular package wins over a
+    namespace one wherever it is on the path, so the local instance's processes (and so every
+    worker) get this folder on their ``PYTHONPATH``: they import the very package the driver
+    runs. A package in site-packages is found that way already (None).
+    """
+    import site
+
+    import raygpt
+
+    root = Path(raygpt.__file__).resolve().parent.parent
+    site_folders = {Path(p).resolve() for p in [*site.getsitepackages(), site.getusersitepackages()]}
+    return None if root in site_folders else str(root)
 
 
 # Settings (never credentials) that say where local copies live. Ray's workers inherit the

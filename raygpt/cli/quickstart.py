@@ -5,9 +5,12 @@
 2. A local Ray instance, started after the store so its workers inherit the credentials.
 3. A corpus: ``--source``; else FineWeb streamed from the hub when it is reachable; else the
    docstrings of the Python standard library, which every installation carries (announced).
-4. ``data prepare`` into the store, a tiny GPT-2 trained by 2 DDP workers on CPU with
-   checkpoints in the store, and its test loss.
-5. A summary table, also written to ``<workdir>/summary.json``.
+4. ``data prepare`` into the store, and the unigram entropy of the training split: the loss
+   of a model that only counts tokens, the line the trained model must get below.
+5. A tiny GPT-2 trained by 2 DDP workers on CPU with checkpoints in the store, its test loss,
+   and a sample of its text.
+6. A summary table (val loss beside the unigram entropy), also written to
+   ``<workdir>/summary.json``.
 
 The settings are ``raygpt/presets/quickstart.yaml``; ``--set`` overrides them.
 """
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from raygpt.config import DataConfig, RunSpec, load_spec, without_userinfo
@@ -81,18 +85,18 @@ def quickstart_spec(bucket: str, source: str, overrides: list[str]) -> RunSpec:
         *overrides])
 
 
-def summary_row(spec: RunSpec, record: dict[str, Any], test: dict[str, Any]) -> dict[str, Any]:
+def summary_row(spec: RunSpec, record: dict[str, Any], test: dict[str, Any], entropy: float) -> dict[str, Any]:
     final = record.get("final") or {}
     return {"run": spec.name, "params": record["model"]["params"], "tokens": final.get("tokens"),
             "steps": final.get("step"), "time_s": final.get("session_s"), "tokens_per_s": final.get("tokens_per_s"),
-            "val_loss": final.get("val_loss"), "test_loss": test["test_loss"], "test_tokens": test["tokens"],
-            "run_uri": join(spec.storage_path, spec.name)}
+            "val_loss": final.get("val_loss"), "unigram_entropy": entropy, "test_loss": test["test_loss"],
+            "test_tokens": test["tokens"], "run_uri": join(spec.storage_path, spec.name)}
 
 
 def show_summary(row: dict[str, Any], console: Console) -> None:
     table = Table(title="raygpt quickstart", title_justify="left")
     table.add_column("run", no_wrap=True)
-    for column in ("params", "tokens", "steps", "time", "tokens/s", "val loss", "test loss"):
+    for column in ("params", "tokens", "steps", "time", "tokens/s", "val loss", "unigram entropy", "test loss"):
         table.add_column(column, justify="right")
 
     def number(value, fmt):
@@ -100,8 +104,36 @@ def show_summary(row: dict[str, Any], console: Console) -> None:
 
     table.add_row(row["run"], f"{row['params'] / 1e6:.2f}M", number(row["tokens"], ","), number(row["steps"], ","),
                   f"{number(row['time_s'], '.0f')} s", number(row["tokens_per_s"], ",.0f"),
-                  number(row["val_loss"], ".4f"), number(row["test_loss"], ".4f"))
+                  number(row["val_loss"], ".4f"), number(row["unigram_entropy"], ".4f"),
+                  number(row["test_loss"], ".4f"))
     console.print(table)
+    if row["val_loss"] is not None:
+        gap = row["unigram_entropy"] - row["val_loss"]
+        if gap > 0:
+            console.print(f"val loss {row['val_loss']:.3f} nats/token: {gap:.3f} below the unigram entropy of the "
+                          f"training split ({row['unigram_entropy']:.3f}), the loss of a model that only counts "
+                          "tokens: that much it learned from context")
+        else:
+            console.print(f"val loss {row['val_loss']:.3f} nats/token: {-gap:.3f} above the unigram entropy of the "
+                          f"training split ({row['unigram_entropy']:.3f}): the model has not yet learned even how "
+                          "often each token occurs; train longer (--set train.max_steps=...)")
+
+
+def final_sample(spec: RunSpec, storage: Storage, console: Console) -> dict[str, str]:
+    """The trained model's continuation of the first of ``log.sample_prompts``, streamed."""
+    import torch
+
+    from raygpt.sample import sample_text
+    from raygpt.weights.refs import load_model
+
+    prompt = spec.log.sample_prompts[0] if spec.log.sample_prompts else ""
+    model, _ = load_model(spec.name, spec, storage, "cpu")
+    console.print(f"[bold]{escape(prompt)}[/]", end="", highlight=False)
+    text = sample_text(model, prompt, max_new_tokens=48, temperature=0.8, top_k=50,
+                       generator=torch.Generator().manual_seed(spec.train.seed),
+                       on_text=lambda piece: console.out(piece, end="", highlight=False))
+    console.out("")
+    return {"prompt": prompt, "text": text}
 
 
 def quickstart_command(args) -> int:
@@ -110,6 +142,7 @@ def quickstart_command(args) -> int:
 
     from raygpt.cluster import connect
     from raygpt.data.prepare import prepare
+    from raygpt.data.unigram import unigram_entropy
     from raygpt.evaluate import evaluate
     from raygpt.train.launch import train
 
@@ -133,14 +166,19 @@ def quickstart_command(args) -> int:
 
         console.rule("data prepare")
         prepare(spec, storage, console)
+        entropy = unigram_entropy(spec.train.dataset, storage)
+        console.print(f"unigram entropy of the training split: {entropy:.4f} nats/token (the loss of a model that "
+                      "only counts tokens; the val loss should get below it)")
         console.rule(f"train {spec.name}: {spec.model.preset} model, {spec.train.num_workers} workers on CPU")
         record = train(spec, console=console)
         console.rule("test loss")
         document = evaluate(spec, [spec.name])
         test = next(r for r in document["results"] if r["ref"] == spec.name)
+        console.rule("sample")
+        sample = final_sample(spec, storage, console)
 
-        row = {**summary_row(spec, record, test), "source": source, "endpoint": without_userinfo(endpoint),
-               "total_s": time.time() - begun}
+        row = {**summary_row(spec, record, test, entropy), "sample": sample, "source": source,
+               "endpoint": without_userinfo(endpoint), "total_s": time.time() - begun}
         (workdir / "summary.json").write_text(json.dumps(row, indent=2) + "\n")
         console.rule("summary")
         show_summary(row, console)

@@ -11,6 +11,7 @@ folder through ``huggingface_hub``.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import urllib.error
@@ -102,7 +103,7 @@ def model_card(facts: dict[str, Any], repo_id: str | None = None) -> str:
              f"{'with' if config.get('qkv_bias') else 'no'} QKV bias")
     if ref.startswith(OPENAI_PREFIX):
         what = (f"OpenAI's GPT-2 ({ref[len(OPENAI_PREFIX):]}, {_millions(info.get('params'))} parameters: {shape}), "
-                "converted to this folder by [raygpt](https://github.com/raygpt/raygpt).")
+                "converted to this folder by raygpt.")
     elif facts["fine_tuning"]:
         ft = facts["fine_tuning"]
         what = (f"A GPT-2 ({_millions(info.get('params'))} parameters: {shape}) trained from scratch with raygpt, "
@@ -160,8 +161,8 @@ def model_card(facts: dict[str, Any], repo_id: str | None = None) -> str:
     if rows:
         lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows] + [""]
     lines += ["## Use", "", "```python", "from transformers import AutoTokenizer, GPT2LMHeadModel", "",
-              f"model = GPT2LMHeadModel.from_pretrained({title!r})",
-              f"tokenizer = AutoTokenizer.from_pretrained({title!r})", "```", ""]
+              f"model = GPT2LMHeadModel.from_pretrained({json.dumps(title)})",
+              f"tokenizer = AutoTokenizer.from_pretrained({json.dumps(title)})", "```", ""]
     if spec:
         commit = run.get("git_commit")
         lines += ["## Reproduce", "",
