@@ -143,7 +143,7 @@ def test_hellaswag_scores_checkpoints_and_is_merged_by_model(models, tmp_path, c
 
 
 def test_hellaswag_source_problems_are_one_line(models, tmp_path, capsys):
-    root, spec_path, _ = models
+    _, spec_path, _ = models
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"ctx": "x", "endings": ["a", "b"], "label": 0}\n')
     assert main(["eval", spec_path, "--task", "hellaswag", "--model", "short", "--set",

@@ -403,3 +403,20 @@ def test_unreachable_hub_is_one_error_that_says_how_to_work_offline(tmp_path):
     message = result.stdout.strip()
     assert message.startswith("openai:gpt2-medium: cannot download openai-community/gpt2-medium from the Hugging Face hub")
     assert "$RAYGPT_HF_DIR/gpt2-medium" in message and "\n" not in message
+
+
+def test_hellaswag_of_an_openai_ref_scores_the_imported_model(tiny_hf, monkeypatch):
+    """``raygpt eval --task hellaswag``'s per-model scorer on ``openai:gpt2`` (the tiny stand-in)."""
+    from raygpt.config import load_spec
+    from raygpt.evaluate import model_hellaswag
+    from raygpt.hellaswag import Item, score_items
+    from raygpt.storage import Storage
+
+    _, directory = tiny_hf
+    monkeypatch.setenv("RAYGPT_HF_DIR", str(directory.parent))
+    items = [Item(ctx="The cat sat on the mat. Then it", endings=("slept.", "flew.", "sang a song.", "left."), label=0),
+             Item(ctx="She opened the oven and", endings=("took out the bread.", "sang.", "left.", "ran."), label=0)]
+    result = model_hellaswag("openai:gpt2", load_spec(None), Storage(), items)
+    assert result["model"] == "openai-gpt2" and result["checkpoint"] is None and result["items"] == 2
+    direct = score_items(load_hf_dir(directory), items, "cpu")
+    assert {k: result[k] for k in direct} == direct
