@@ -143,9 +143,9 @@ class TrackerSink(MetricsSink):
     def __init__(self, final_step: int | None = None):
         self.final_step = final_step
         self._opened = self._failed = self._closed = False
-        self._logged_to = -1  # IFT logs its first validation at step 0
-        """Steps up to here are in the tracker run already (logged by a session that died
-        before ``metrics.jsonl`` caught up): they are not logged again."""
+        # Steps up to here are in the tracker run already (logged by a session that died before
+        # metrics.jsonl caught up) and are not logged again; -1: IFT logs a validation at step 0.
+        self._logged_to = -1
 
     # What each tracker implements.
     def _open(self, first_step: int) -> None:
