@@ -146,8 +146,9 @@ class TrainConfig:
     """Autocast dtype. auto: bf16 on GPUs that support it, fp16 with a GradScaler on older GPUs,
     fp32 on CPU (where bitwise-exact resume is checked)."""
 
-    compile: bool = False
-    """Compile the model with ``torch.compile``."""
+    compile: bool | None = None
+    """Compile the model with ``torch.compile``. None: on CUDA yes (its kernels are where the
+    speed is; the compiled kernels are cached on the node, so a restart loads them), on CPU no."""
 
     parallel: str = "ddp"
     """How the model is spread over the workers, from ``raygpt.train.parallel.STRATEGIES``:

@@ -167,9 +167,10 @@ def set_up_worker(spec: RunSpec, plan: TrainPlan, rank: int, world_size: int, de
             if not found_rng:  # resumed on more workers than saved: derive this rank's generators
                 seed_everything(t.seed + 1 + rank + 1_000_003 * state.step)
         strategy = get_strategy(t.parallel)
-        if t.compile:
+        compile_model = t.compile if t.compile is not None else device.type == "cuda"
+        if compile_model:
             persistent_compile_cache()
-        training_model = strategy.wrap(model, device, world_size, t.compile)
+        training_model = strategy.wrap(model, device, world_size, compile_model)
         if state.step < plan.stop_step:
             # Fetch the first batch now: a missing or corrupt shard fails setup, not step 1000.
             batches.rows(state.step, rank, world_size, plan.micro_batch_size)
