@@ -140,7 +140,9 @@ class ShardCache:
             pid = listing.name.removeprefix(".in-use-")
             if not pid.isdigit():
                 continue
-            if int(pid) != os.getpid() and not _alive(int(pid)):
+            if int(pid) == os.getpid():
+                continue  # this process's own shards: _in_use_here has them as they are now
+            if not _alive(int(pid)):
                 listing.unlink(missing_ok=True)
                 continue
             with contextlib.suppress(FileNotFoundError):
