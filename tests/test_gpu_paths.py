@@ -189,8 +189,8 @@ def test_compiled_ddp_on_two_gloo_workers_trains_like_one_eager_worker_and_saves
     import torch.multiprocessing as mp
 
     mp.spawn(ddp_worker, args=(str(tmp_path / "init"), dataset, str(tmp_path)), nprocs=2, join=True)
-    # Each worker reports the mean loss of its half of the global batch.
-    ddp_losses = np.mean([json.loads((tmp_path / f"losses{r}.json").read_text()) for r in (0, 1)], axis=0)
+    # Each worker reports its part of the global batch's mean loss: their sum is that mean.
+    ddp_losses = np.sum([json.loads((tmp_path / f"losses{r}.json").read_text()) for r in (0, 1)], axis=0)
 
     spec, plan = worker_spec(dataset, tmp_path)
     eager = set_up_worker(spec, plan, 0, 1, torch.device("cpu"))
