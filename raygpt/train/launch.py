@@ -280,6 +280,10 @@ def train(spec: RunSpec, address: str | None = None, num_cpus: int | None = None
     records = read_metrics(run_uri, storage)
     final = summarize(records)
     final["session_s"] = time.time() - begun
+    # Beside the step-only median: what the session delivered, setup, compile warm-up,
+    # validation, checkpoint stalls and restarts included.
+    final["wall_clock_tokens_per_s"] = ((final.get("step") or start_step) - start_step) * plan.global_batch_tokens \
+        / max(final["session_s"], 1e-9)
     if final.get("tokens") is not None:
         # Everything in: worker start, data download, compile warm-up, validation, checkpoint
         # stalls, restarts; ``tokens_per_s`` beside it is the training steps' alone.
