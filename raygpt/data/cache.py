@@ -128,7 +128,7 @@ class ShardCache:
             return
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         path = self.cache_dir / f".in-use-{os.getpid()}"
-        tmp = path.with_name(f"{path.name}.tmp")
+        tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")  # the prefetch thread writes it too
         tmp.write_text("\n".join(sorted(names)))
         os.replace(tmp, path)
         self._listed = names
