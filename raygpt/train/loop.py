@@ -107,7 +107,10 @@ def run_loop(w: Worker, attempt_started: float) -> None:
         stall = report(w, metrics, save=reason is not None, durable=reason == "preemption")
         if stall is not None:
             saves.saved()
-            report(w, {"step": step, "checkpoint_stall_s": stall}, save=False)
+            saved = {"step": step, "checkpoint_stall_s": stall}
+            if reason == "preemption":  # the UNIX time the checkpoint became durable, to compare with the deadline
+                saved["durable_at"] = time.time()
+            report(w, saved, save=False)
         window.started = time.perf_counter()
 
 
