@@ -194,7 +194,8 @@ class TrackerSink(MetricsSink):
             self._log_samples(int(report["step"]), report["samples"])
 
     def event(self, event: dict[str, Any]) -> None:
-        if self._opened:
+        # The attempts table is the progress view's bookkeeping; run.json keeps it.
+        if self._opened and event.get("event") != "attempts":
             self._guarded(self._log_event, json.dumps(event, default=str))
 
     def flush(self, records: list[dict[str, Any]]) -> None:
