@@ -1,6 +1,7 @@
 """Experiment trackers on the metrics stream: each step logged once, across restarts, read back
 with each tracker's own reader (TensorBoard event files, MLflow's client on a local store, W&B
-offline run files). The W&B and MLflow tests skip when their package is not installed."""
+offline run files). The W&B and MLflow tests skip when their package is not installed (the
+test extra installs both)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from raygpt.train.sinks import (
     MlflowSink,
     TensorBoardSink,
     WandbSink,
+    end_tracker_runs,
     prepare_trackers,
     tracker_points,
     tracker_sinks,
@@ -229,6 +231,26 @@ def test_mlflow_logs_each_step_once_and_a_resumed_run_continues_the_same_run(mlf
     assert samples == ["samples/step_00000004.txt", "samples/step_00000008.txt"]
     assert "upon a time" in Path(client.download_artifacts(run.info.run_id, samples[0], str(tmp_path))).read_text()
     assert "worker_failure" in run.data.tags["raygpt.last_event"]
+
+
+def test_a_session_that_fails_marks_its_mlflow_run_failed_and_a_resume_runs_it_again(mlflow_store, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    spec = load_spec(None, ["name=tracked", "log.trackers=[mlflow]", f"log.mlflow_tracking_uri={mlflow_store}"])
+    config = recorded_spec(spec)
+    ids = prepare_trackers(spec.log, spec.name, str(tmp_path / "tb"), config)
+    stream = MetricsStream([], tracker_sinks(ids, Storage(), config, final_step=10))
+    stream.add(report(2, 1, resumed_from_step=0))
+    end_tracker_runs(ids, "failed")  # what the driver does when the run fails for good
+    client = MlflowClient(mlflow_store)
+    assert client.get_run(ids["mlflow"]["run_id"]).info.status == "FAILED"
+
+    again = prepare_trackers(spec.log, spec.name, str(tmp_path / "tb"), config, previous=ids)
+    assert client.get_run(again["mlflow"]["run_id"]).info.status == "RUNNING"
+    stream = MetricsStream([], tracker_sinks(again, Storage(), config, final_step=10))
+    stream.add(report(10, 3, resumed_from_step=2), checkpoint="checkpoint_00000010")
+    stream.add({"step": 10, "checkpoint_stall_s": 0.1})
+    assert client.get_run(ids["mlflow"]["run_id"]).info.status == "FINISHED"
 
 
 # ---------------------------------------------------------------------------------------------

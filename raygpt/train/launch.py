@@ -48,7 +48,7 @@ from raygpt.train.metrics import MetricsStream, read_metrics, summarize
 from raygpt.train.plan import TrainPlan, plan_run
 from raygpt.train.progress import ProgressView
 from raygpt.train.runrecord import RunRecord
-from raygpt.train.sinks import MetricsFile, QueueSink, prepare_trackers, tracker_sinks
+from raygpt.train.sinks import MetricsFile, QueueSink, end_tracker_runs, prepare_trackers, tracker_sinks
 from raygpt.weights.checkpoint import (
     MODEL_CONFIG_FILE,
     TRAINER_STATE_FILE,
@@ -257,6 +257,9 @@ def train(spec: RunSpec, address: str | None = None, num_cpus: int | None = None
     def finish(status: str, **fields: Any) -> None:
         attempts = AttemptLog(view.attempts)
         attempts.finish(status)
+        # The stream's sinks live in Ray Train's controller; a session that ended badly is
+        # told to the tracker runs from here, so they do not stay "running".
+        end_tracker_runs(trackers, status)
         record.finish(status, restarts=len(view.failures), attempts=attempts.attempts, cost=cost(), **fields)
 
     try:

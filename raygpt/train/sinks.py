@@ -303,6 +303,10 @@ class WandbSink(TrackerSink):
         self._run.finish()
 
 
+MLFLOW_STATUS = {"interrupted": "KILLED", "failed": "FAILED"}
+"""How a session that ended badly reads in MLflow."""
+
+
 class MlflowSink(TrackerSink):
     """An MLflow run on a tracking server or local store, created by ``prepare_trackers``. A
     resumed session asks the run for its last step first, and logs only the steps after it."""
@@ -373,6 +377,21 @@ def prepare_trackers(log: LogConfig, name: str, tensorboard_dir: str, config: di
         elif tracker == "mlflow":
             ids[tracker] = _mlflow_run(log, name, config, previous.get(tracker))
     return ids
+
+
+def end_tracker_runs(ids: dict[str, dict[str, Any]], status: str) -> None:
+    """Mark the tracker runs of a session that failed or was interrupted, from the driver (the
+    sinks themselves ran in Ray Train's controller). MLflow gets FAILED or KILLED; a W&B run
+    ends with its process's exit code, as W&B records it; TensorBoard has no run status."""
+    if status not in MLFLOW_STATUS or "mlflow" not in ids:
+        return
+    try:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(ids["mlflow"]["tracking_uri"]).set_terminated(ids["mlflow"]["run_id"], MLFLOW_STATUS[status])
+    except Exception as e:  # the tracker is unreachable: the run record still says what happened
+        print(f"raygpt: could not mark the MLflow run {status} ({type(e).__name__}: {last_line(str(e))[:300]})",
+              file=sys.stderr, flush=True)
 
 
 def tracker_sinks(ids: dict[str, dict[str, Any]], storage: Storage, config: dict[str, Any],
