@@ -33,6 +33,12 @@ class StorageConfig:
     region: str | None = None
     """S3 region. None: ``AWS_REGION``/``AWS_DEFAULT_REGION``, else ``us-east-1``."""
 
+    retry_minutes: float = 10.0
+    """How long a read or write (checkpoint uploads, ``run.json``, ``metrics.jsonl``, the run's
+    lease, Ray Train's own snapshot) is retried, with exponential backoff, while the store does
+    not answer; training goes on meanwhile. Access denied or a missing bucket fail at once, and
+    so does the preflight's first contact with the store. 0: no retries."""
+
 
 @dataclass
 class ModelConfig:
@@ -207,6 +213,15 @@ class TrainConfig:
     elastic_resize_s: float = 60.0
     """Elastic runs: how often Ray Train looks for capacity to grow back to the maximum
     worker count (``ScalingConfig.elastic_resize_monitor_interval_s``)."""
+
+    lease_timeout_s: float = 120.0
+    """A run being trained holds a lease (``<run>/lease.json``) that its driver renews every
+    quarter of this; a second ``raygpt train`` or ``raygpt submit`` of the run refuses while the
+    lease was renewed within this many seconds, and takes it over once it was not."""
+
+    take_over: bool = False
+    """Take the run's lease over even while another driver renews it (``--set
+    train.take_over=true``): for a driver known to be gone whose lease has not expired yet."""
 
     fail_at_step: int | None = None
     """Fault injection for tests: the last worker exits hard at this step, once per run."""
@@ -586,6 +601,10 @@ def check_spec(spec: RunSpec) -> list[str]:
     for key in ("preemption_check_s", "elastic_resize_s"):
         if not getattr(t, key) > 0:
             problems.append(f"train.{key}: must be positive, got {getattr(t, key)}")
+    if not t.lease_timeout_s > 0:
+        problems.append(f"train.lease_timeout_s: must be positive, got {t.lease_timeout_s}")
+    if not spec.storage.retry_minutes >= 0:
+        problems.append(f"storage.retry_minutes: must not be negative, got {spec.storage.retry_minutes}")
     if not t.preemption_grace_s >= 0:
         problems.append(f"train.preemption_grace_s: must not be negative, got {t.preemption_grace_s}")
     if t.max_preemption_failures < -1:

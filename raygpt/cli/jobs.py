@@ -7,7 +7,8 @@ never the job. A fixed id makes a re-submission recognisable: if the run's job i
 running, ``submit`` follows it instead of starting a second one; if it has ended, the new
 submission is ``<id>-2``, ``<id>-3``, ... (Ray refuses to reuse an id). Training resumes from
 its checkpoints in storage either way, so the same command is also the way back after a
-preemption.
+preemption. A training run whose lease a live driver holds (started elsewhere, or by hand)
+is refused before anything is submitted (``raygpt.train.lease``).
 
 Only the spec travels with the job (``runtime_env.working_dir``): raygpt itself, and Python,
 come from the cluster's image. No credential is ever put in the job: the cluster reads S3
@@ -250,6 +251,8 @@ def submit_command(args) -> int:
         console.print(f"[yellow]{job_id} is already {active[-1].status} on {url}: following it instead of "
                       f"submitting twice[/] (stop it with `raygpt jobs stop {job_id}` to submit anew)")
     else:
+        if verb == "train":
+            check_run_free(spec, console)
         job_id = next_submission_id(base, previous)
         for warning in cluster_local_paths(spec, verb):
             console.print(f"[yellow]warning:[/] {warning} is a local path on the cluster, inside the job's "
@@ -270,6 +273,26 @@ def submit_command(args) -> int:
         return follow(client, url, token, job_id, console)
     except KeyboardInterrupt:
         return _detached(job_id, console)
+
+
+def check_run_free(spec: RunSpec, console: Any) -> None:
+    """Refuse to submit a training run whose lease a live driver holds (the job's own driver
+    checks again). A store this machine cannot read is the cluster's business: a warning."""
+    from dataclasses import replace
+
+    from raygpt.storage import Storage, is_remote, join
+    from raygpt.train.lease import RunLeasedError, check_free
+
+    if not is_remote(spec.storage_path) or spec.train.take_over:
+        return
+    storage = replace(Storage.from_config(spec.storage), retry_minutes=0.0)
+    try:
+        check_free(spec.name, join(spec.storage_path, spec.name), storage)
+    except RunLeasedError:
+        raise
+    except RaygptError as e:
+        console.print(f"[yellow]warning:[/] cannot check whether run {spec.name} is being trained already ({e}); "
+                      "the job's driver checks again")
 
 
 def submit_when_ready(client: Any, console: Any, timeout_s: float = 60.0, **job: Any) -> None:

@@ -1,6 +1,7 @@
 """The driver of ``raygpt train``: check everything before a worker starts, then launch.
 
-Checks: storage access, the dataset's manifest and shards, the batch arithmetic, the model a
+Checks: storage access, the run's lease (``raygpt.train.lease``: a second driver of a run
+being trained refuses), the dataset's manifest and shards, the batch arithmetic, the model a
 resumed run must match, the cluster's size. Then the run record, and a ``TorchTrainer``:
 DDP over NCCL on GPUs or Gloo on CPUs, checkpoints to ``storage_path/name`` (a run started
 again under the same name resumes from its newest one), ``FailureConfig(max_failures)``
@@ -9,8 +10,10 @@ restarts after a lost worker or node, and every report goes through the run's me
 
 from __future__ import annotations
 
+import _thread
 import os
 import sys
+import threading
 import time
 from dataclasses import asdict
 from typing import Any
@@ -43,6 +46,7 @@ from raygpt.model import GPT, config_from_spec
 from raygpt.stages import RUN_RECORD_FILE
 from raygpt.storage import Storage, join
 from raygpt.train.attempts import AttemptLog, describe_attempts
+from raygpt.train.lease import RunLease
 from raygpt.train.loop import train_loop_per_worker
 from raygpt.train.metrics import MetricsStream, read_metrics, summarize
 from raygpt.train.plan import TrainPlan, plan_run
@@ -186,6 +190,30 @@ def train(spec: RunSpec, address: str | None = None, num_cpus: int | None = None
     storage = Storage.from_config(spec.storage)
     run_uri = join(spec.storage_path, spec.name)
     storage.check_access(spec.storage_path, write=True)
+    # One driver per run: a second one refuses here, before it reads or writes anything of the run's.
+    lease = RunLease(spec.name, run_uri, storage, spec.train.lease_timeout_s,
+                     on_lost=_interrupt_this_driver()).acquire(take_over=spec.train.take_over)
+    try:
+        return _train(spec, address, num_cpus, console, storage, run_uri, lease)
+    finally:
+        lease.release()
+
+
+def _interrupt_this_driver():
+    """What to do when another driver takes the lease over: say so and, when ``train`` runs in
+    the main thread (``raygpt train``), interrupt it, which stops the workers."""
+    in_main = threading.current_thread() is threading.main_thread()
+
+    def interrupt(why: str) -> None:
+        print(f"raygpt train: {why}", file=sys.stderr, flush=True)
+        if in_main:
+            _thread.interrupt_main()
+
+    return interrupt
+
+
+def _train(spec: RunSpec, address: str | None, num_cpus: int | None, console, storage: Storage, run_uri: str,
+           lease: RunLease) -> dict[str, Any]:
     manifest = check_dataset(spec.train.dataset, storage)
     config = config_from_spec(spec.model)
     resume_state = check_resume(run_uri, spec, storage, manifest_hash(manifest))
@@ -270,6 +298,8 @@ def train(spec: RunSpec, address: str | None = None, num_cpus: int | None = None
         finish("failed", error=message)
         raise RaygptError(message) from None
     except (KeyboardInterrupt, SystemExit):
+        if lease.lost:  # another driver owns the run now: its run.json is not this one's to write
+            raise RaygptError(lease.lost) from None
         # On Ctrl-C, Ray Train aborts the workers and exits the driver with status 0; the run is
         # resumable from its last checkpoint, and the caller should hear "interrupted".
         finish("interrupted")

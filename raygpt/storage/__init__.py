@@ -5,8 +5,12 @@ are used as they are; ``s3://bucket/key`` goes to any S3-compatible endpoint (AW
 SeaweedFS, R2) through pyarrow, the filesystem Ray Train itself uploads checkpoints with.
 
 Writes are atomic: an object is written under a temporary name and then moved into place,
-so a reader never sees half a file. Credentials come from the standard AWS chain
-(environment, ``~/.aws``, instance profile) and never appear in a message.
+so a reader never sees half a file. A store that stops answering is retried with backoff for
+``retry_minutes`` (``storage.retry`` says what is retried; ``check_access``, the preflight,
+never waits); ``ray_storage`` hands Ray Train a filesystem that retries the same way
+(``storage.resilient``), so its checkpoint uploads ride out the same outage. Credentials come
+from the standard AWS chain (environment, ``~/.aws``, instance profile) and never appear in
+a message.
 """
 
 from __future__ import annotations
@@ -14,13 +18,14 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import pyarrow.fs as pafs
 
 from raygpt.errors import RaygptError
+from raygpt.storage.retry import RetryPolicy, StoreUnavailableError
 
 
 def is_remote(uri: str) -> bool:
@@ -46,19 +51,28 @@ class Storage:
     region: str | None = None
     """S3 region. None: ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, else us-east-1."""
 
+    retry_minutes: float = 0.0
+    """How long an operation is retried while the store does not answer; 0: not at all."""
+
     @classmethod
     def from_config(cls, config: Any) -> Storage:
-        """From a ``StorageConfig`` (or anything with ``endpoint_url`` and ``region``)."""
-        return cls(endpoint_url=config.endpoint_url, region=config.region)
+        """From a ``StorageConfig`` (or anything with ``endpoint_url``, ``region`` and ``retry_minutes``)."""
+        return cls(endpoint_url=config.endpoint_url, region=config.region,
+                   retry_minutes=getattr(config, "retry_minutes", 0.0))
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(budget_s=60 * self.retry_minutes)
 
     # -- resolution ------------------------------------------------------------------------
 
     def resolved_endpoint(self) -> str | None:
         return self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
-    def s3_filesystem(self) -> pafs.S3FileSystem:
+    def s3_filesystem(self, background_writes: bool = True) -> pafs.S3FileSystem:
         endpoint = self.resolved_endpoint()
         kwargs: dict[str, Any] = dict(
+            background_writes=background_writes,
             region=self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
             connect_timeout=5,
             request_timeout=60,
@@ -79,38 +93,49 @@ class Storage:
         return pafs.LocalFileSystem(), str(Path(uri).expanduser().absolute())
 
     def ray_storage(self, uri: str) -> tuple[str, pafs.FileSystem | None]:
-        """``(storage_path, storage_filesystem)`` for Ray Train's ``RunConfig``."""
-        fs, path = self.resolve(uri)
-        return (path, fs) if is_remote(uri) else (path, None)
+        """``(storage_path, storage_filesystem)`` for Ray Train's ``RunConfig``: on S3 a
+        filesystem that retries as this ``Storage`` does (``storage.resilient``)."""
+        from raygpt.storage.resilient import retrying_filesystem
+
+        _, path = self.resolve(uri)
+        if not is_remote(uri):
+            return path, None
+        return path, retrying_filesystem(self.s3_filesystem(background_writes=False), self.retry_policy)
+
+    def _run(self, uri: str, action: str, operation: Callable[[], Any]) -> Any:
+        """``operation()``, retried while the store does not answer, its errors explained."""
+        with _explained(uri, action):
+            return self.retry_policy.call(operation, f"{action} {uri}")
 
     # -- operations ------------------------------------------------------------------------
 
     def exists(self, uri: str) -> bool:
         fs, path = self.resolve(uri)
-        with _explained(uri, "check"):
-            return fs.get_file_info(path).type != pafs.FileType.NotFound
+        return self._run(uri, "check", lambda: fs.get_file_info(path).type != pafs.FileType.NotFound)
 
     def stored_size(self, uri: str) -> int | None:
         """Size in bytes of a stored file, or None when there is none (or it is a folder)."""
         fs, path = self.resolve(uri)
-        with _explained(uri, "check"):
-            info = fs.get_file_info(path)
+        info = self._run(uri, "check", lambda: fs.get_file_info(path))
         return info.size if info.type == pafs.FileType.File else None
 
     def read_bytes(self, uri: str) -> bytes:
         fs, path = self.resolve(uri)
-        with _explained(uri, "read"):
+
+        def read() -> bytes:
             with fs.open_input_stream(path) as f:
                 return f.read()
+
+        return self._run(uri, "read", read)
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         """Write atomically: a temporary object first, moved into place when complete."""
         fs, path = self.resolve(uri)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with _explained(uri, "write"):
-            parent = path.rsplit("/", 1)[0]
+
+        def write() -> None:
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
             if not is_remote(uri):
-                fs.create_dir(parent, recursive=True)
+                fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
             try:
                 with fs.open_output_stream(tmp) as f:
                     f.write(data)
@@ -118,6 +143,8 @@ class Storage:
             except BaseException:
                 _delete_quietly(fs, tmp)
                 raise
+
+        self._run(uri, "write", write)
 
     def read_json(self, uri: str) -> Any:
         try:
@@ -137,62 +164,73 @@ class Storage:
     def list(self, uri: str, recursive: bool = False) -> list[str]:
         """Names (relative to ``uri``) of the files and folders under ``uri``; [] when absent."""
         fs, path = self.resolve(uri)
-        with _explained(uri, "list"):
-            infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=recursive))
+        infos = self._run(uri, "list", lambda: fs.get_file_info(
+            pafs.FileSelector(path, allow_not_found=True, recursive=recursive)))
         return sorted(info.path[len(path):].lstrip("/") for info in infos)
 
     def file_sizes(self, uri: str) -> dict[str, int]:
         """Size in bytes of each file directly under ``uri`` (folders left out); {} when absent."""
         fs, path = self.resolve(uri)
-        with _explained(uri, "list"):
-            infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        infos = self._run(uri, "list", lambda: fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)))
         return {info.base_name: info.size for info in infos if info.type == pafs.FileType.File}
 
     def delete(self, uri: str) -> None:
         """Delete a file or a whole folder; nothing when absent."""
         fs, path = self.resolve(uri)
-        with _explained(uri, "delete"):
+
+        def delete() -> None:
             info = fs.get_file_info(path)
             if info.type == pafs.FileType.Directory:
                 fs.delete_dir(path)
             elif info.type == pafs.FileType.File:
                 fs.delete_file(path)
 
+        self._run(uri, "delete", delete)
+
     def download(self, uri: str, local_path: str | Path) -> None:
         """Copy a file or folder to the local disk (atomically per file)."""
         fs, path = self.resolve(uri)
         local = Path(local_path)
-        with _explained(uri, "download"):
-            info = fs.get_file_info(path)
-            if info.type == pafs.FileType.NotFound:
-                raise RaygptError(f"{uri}: not found")
-            if info.type == pafs.FileType.File:
-                local.parent.mkdir(parents=True, exist_ok=True)
-                tmp = local.with_name(f"{local.name}.tmp-{uuid.uuid4().hex[:8]}")
-                try:
-                    pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-                    tmp.replace(local)
-                finally:
-                    tmp.unlink(missing_ok=True)
-            else:
-                local.mkdir(parents=True, exist_ok=True)
-                pafs.copy_files(path, str(local.absolute()), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        self._run(uri, "download", lambda: self._download(fs, path, uri, local))
+
+    @staticmethod
+    def _download(fs: pafs.FileSystem, path: str, uri: str, local: Path) -> None:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise RaygptError(f"{uri}: not found")
+        if info.type == pafs.FileType.File:
+            local.parent.mkdir(parents=True, exist_ok=True)
+            tmp = local.with_name(f"{local.name}.tmp-{uuid.uuid4().hex[:8]}")
+            try:
+                pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+                tmp.replace(local)
+            finally:
+                tmp.unlink(missing_ok=True)
+        else:
+            local.mkdir(parents=True, exist_ok=True)
+            pafs.copy_files(path, str(local.absolute()), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
 
     def upload(self, local_path: str | Path, uri: str) -> None:
         """Copy a local file or folder to ``uri``."""
         fs, path = self.resolve(uri)
         local = Path(local_path).absolute()
-        with _explained(uri, "upload"):
-            if local.is_file():
-                self.write_bytes(uri, local.read_bytes())
-            else:
-                if not is_remote(uri):
-                    fs.create_dir(path, recursive=True)  # copy_files does not create local parents
-                pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        if local.is_file():
+            self.write_bytes(uri, local.read_bytes())
+            return
+
+        def upload() -> None:
+            if not is_remote(uri):
+                fs.create_dir(path, recursive=True)  # copy_files does not create local parents
+            pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+        self._run(uri, "upload", upload)
 
     def check_access(self, uri: str, write: bool = False) -> None:
         """Fail early, with one clear message, when ``uri`` cannot be reached, its bucket does
-        not exist, or the credentials are missing or wrong. ``write`` also proves we may write."""
+        not exist, or the credentials are missing or wrong. ``write`` also proves we may write.
+        Never retried: a store that does not answer before anything started is a setting to fix."""
+        if self.retry_minutes:
+            return replace(self, retry_minutes=0.0).check_access(uri, write)
         fs, path = self.resolve(uri)
         if is_remote(uri):
             bucket = path.split("/", 1)[0]
@@ -252,7 +290,9 @@ class _explained:
 def explain_storage_error(uri: str, action: str, exc: BaseException) -> str:
     text = str(exc)
     lowered = text.lower()
-    if isinstance(exc, FileNotFoundError) or "path does not exist" in lowered or "nosuchkey" in lowered:
+    if isinstance(exc, StoreUnavailableError):
+        cause = exc.reason()
+    elif isinstance(exc, FileNotFoundError) or "path does not exist" in lowered or "nosuchkey" in lowered:
         cause = "not found"
     elif "nosuchbucket" in lowered or "bucket does not exist" in lowered:
         cause = "the bucket does not exist"

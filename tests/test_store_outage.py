@@ -1,0 +1,102 @@
+"""A store outage mid-run: SeaweedFS stopped for 25 s while 2 workers train. The run goes on,
+retries its uploads, and ends as an uninterrupted run would: finished, every step in
+``metrics.jsonl``, ``run.json`` complete, every checkpoint in the store complete."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from raygpt.config import load_spec
+from raygpt.errors import RaygptError
+from raygpt.localstore import SeaweedFS, free_port_block
+from raygpt.storage import Storage, join
+from raygpt.train.launch import train
+from raygpt.train.metrics import read_metrics, step_losses
+from raygpt.weights.checkpoint import CHECKPOINT_NAME, _is_complete
+from raygpt.weights.refs import load_model
+
+STEPS = 48
+OUTAGE_S = 25
+
+
+def overrides(dataset: str, storage_path: str, name: str, *extra: str) -> list[str]:
+    """A tiny model on 2 workers, a checkpoint every 4 steps, every step logged."""
+    return [f"name={name}", f"storage_path={storage_path}", "model.preset=tiny", "model.dropout=0.1",
+            f"train.dataset={dataset}", "train.seq_len=32", "train.global_batch_tokens=2048",
+            "train.micro_batch_size=4", "train.num_workers=2", f"train.max_steps={STEPS}", "train.warmup_steps=2",
+            "train.lr=3e-3", "train.log_interval=1", "train.val_interval=0", "train.max_failures=0",
+            "checkpoint.interval=4", "checkpoint.keep=2", *extra]
+
+
+@pytest.fixture
+def outage_store(s3_server, tmp_path):
+    """A store of the test's own (the session's must not go down), with the session store's
+    credentials, which the Ray workers already have; the tiny dataset is copied into it."""
+    store = SeaweedFS(tmp_path / "weed", bucket="outage", port=free_port_block())
+    store.access_key, store.secret_key = s3_server.access_key, s3_server.secret_key
+    store.start()
+    yield store
+    store.stop()
+
+
+@pytest.mark.integration
+def test_a_store_outage_mid_run_loses_nothing(ray_local, tiny_dataset, outage_store, tmp_path):
+    reference_root = f"s3://raygpt-test/outage-reference-{time.time_ns()}"
+    train(load_spec(None, overrides(tiny_dataset, reference_root, "reference")))
+    reference = step_losses(read_metrics(join(reference_root, "reference"), Storage()))
+
+    store = Storage(endpoint_url=outage_store.endpoint_url)
+    local = tmp_path / "dataset"
+    Storage().download(tiny_dataset, local)
+    store.upload(local, "s3://outage/datasets/tiny")
+    spec = load_spec(None, overrides("s3://outage/datasets/tiny", "s3://outage/runs", "outage",
+                                     f"storage.endpoint_url={outage_store.endpoint_url}"))
+    run = join(spec.storage_path, spec.name)
+    outcome: dict = {}
+
+    def drive() -> None:
+        try:
+            outcome["summary"] = train(spec)
+        except BaseException as e:  # reported by the test below
+            outcome["error"] = e
+
+    driver = threading.Thread(target=drive, daemon=True)
+    driver.start()
+
+    def reached() -> int:
+        try:
+            return max((r["step"] for r in read_metrics(run, store)), default=0)
+        except RaygptError:
+            return 0
+
+    deadline = time.monotonic() + 180
+    while reached() < 8 and driver.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert driver.is_alive(), f"the run ended before the outage: {outcome}"
+    outage_store.stop()  # by pid; the same port and data folder come back
+    down = time.time()
+    time.sleep(OUTAGE_S)
+    up = time.time()
+    outage_store.start()
+    driver.join(timeout=300)
+    assert not driver.is_alive(), "the run did not end after the store came back"
+    assert "error" not in outcome, f"the run failed: {outcome['error']!r}"
+
+    record = store.read_json(join(run, "run.json"))
+    assert record["status"] == "finished" and record["final"]["step"] == STEPS
+    assert [a["ended"] for a in record["attempts"]] == ["finished"]  # no worker failed
+    records = read_metrics(run, store)
+    losses = step_losses(records)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert losses == reference  # bitwise: the same 2 workers' arithmetic as without the outage
+    assert any(down < r["time"] < up for r in records), "no step was trained while the store was down"
+    names = [n for n in store.list(run) if CHECKPOINT_NAME.match(n)]
+    assert names and names[-1] == f"checkpoint_{STEPS:08d}"
+    for name in names:
+        assert _is_complete(join(run, name), store), f"{name} is incomplete"
+    model, info = load_model(join(run, names[-1]), spec, store)
+    assert info["step"] == STEPS
+    assert not store.exists(join(run, "lease.json"))
