@@ -64,3 +64,17 @@ def tiny_dataset(s3_server, tmp_path_factory):
                             "data.test_tokens=4096", "data.heldout_permille=100", "data.num_proc=1"])
     prepare(spec, Storage())
     return uri
+
+
+@pytest.fixture(scope="session")
+def two_worker_losses(ray_local, tiny_dataset):
+    """The per-step losses of an uninterrupted run of ``two_workers.two_worker_overrides``."""
+    from raygpt.config import load_spec
+    from raygpt.storage import Storage, join
+    from raygpt.train.launch import train
+    from raygpt.train.metrics import read_metrics, step_losses
+    from two_workers import two_worker_overrides
+
+    root = f"s3://{BUCKET}/reference-{os.urandom(4).hex()}"
+    train(load_spec(None, two_worker_overrides(tiny_dataset, root, "reference")))
+    return step_losses(read_metrics(join(root, "reference"), Storage()))

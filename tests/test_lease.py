@@ -14,7 +14,7 @@ import yaml
 
 from raygpt.config import load_spec, spec_to_dict
 from raygpt.errors import RaygptError
-from raygpt.storage import Storage, join
+from raygpt.storage import Storage
 from raygpt.train.launch import train
 from raygpt.train.lease import RunLease, RunLeasedError, check_free, lease_uri, read_lease
 

@@ -21,28 +21,15 @@ from raygpt.errors import RaygptError
 from raygpt.storage import Storage, join
 from raygpt.train.launch import train
 from raygpt.train.metrics import read_metrics, step_batches, step_losses
+from two_workers import two_worker_overrides
 
 REPO = Path(__file__).resolve().parent.parent
-STEPS = 80
 LOOPBACK = "127.0.0.1"
 
 
 def spot_overrides(dataset: str, storage_path: str, name: str, *extra: str) -> list[str]:
-    """A tiny model on 2 workers, dropout on, 16 micro-batches of 4 sequences per step, a
-    checkpoint every 4 steps and a preemption check every step."""
-    return [f"name={name}", f"storage_path={storage_path}", "model.preset=tiny", "model.dropout=0.1",
-            f"train.dataset={dataset}", "train.seq_len=32", "train.global_batch_tokens=2048",
-            "train.micro_batch_size=4", "train.num_workers=2", f"train.max_steps={STEPS}", "train.warmup_steps=2",
-            "train.lr=3e-3", "train.log_interval=1", "train.val_interval=0", "train.max_failures=0",
-            "train.preemption_check_s=0.01", "checkpoint.interval=4", "checkpoint.keep=2", *extra]
-
-
-@pytest.fixture(scope="module")
-def fixed_size_losses(ray_local, tiny_dataset):
-    """The per-step losses of an uninterrupted 2-worker run: what every interrupted run must compute."""
-    root = f"s3://raygpt-test/spot-{os.urandom(4).hex()}"
-    train(load_spec(None, spot_overrides(tiny_dataset, root, "reference")))
-    return step_losses(read_metrics(join(root, "reference"), Storage()))
+    """The fault tests' 2-worker run, checking for a preemption notice every step."""
+    return two_worker_overrides(dataset, storage_path, name, "train.preemption_check_s=0.01", *extra)
 
 
 @pytest.fixture
@@ -141,7 +128,7 @@ def preemption_saves(driver: Driver) -> list[dict]:
 
 
 @pytest.mark.integration
-def test_drained_nodes_cost_no_step_and_no_failure(cluster, tiny_dataset, fixed_size_losses, tmp_path):
+def test_drained_nodes_cost_no_step_and_no_failure(cluster, tiny_dataset, two_worker_losses, tmp_path):
     """Three spot reclaims with ``train.max_failures: 0``: the first with a 20 s notice, then two
     with 6 s. Each saves before its deadline, and the run resumes where it stood."""
     root = f"s3://raygpt-test/spot-{os.urandom(4).hex()}"
@@ -166,7 +153,7 @@ def test_drained_nodes_cost_no_step_and_no_failure(cluster, tiny_dataset, fixed_
         victims.append(set(nodes))
     records = driver.finish()
 
-    assert step_losses(records) == fixed_size_losses  # bitwise: the same 2 workers' arithmetic
+    assert step_losses(records) == two_worker_losses  # bitwise: the same 2 workers' arithmetic
     record = Storage().read_json(join(driver.run, "run.json"))
     attempts = record["attempts"]
     assert [a["ended"] for a in attempts] == ["preemption notice"] * 3 + ["finished"]
