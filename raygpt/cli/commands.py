@@ -58,8 +58,6 @@ def check_flag_uris(*flags: tuple[str, list[str] | str | None, bool]) -> None:
 
 def prepare_command(args) -> int:
     """``raygpt data prepare [SPEC] [--source S] [--output URI] [--tokens N | --chinchilla PRESET]``."""
-    from raygpt.data.prepare import prepare
-
     # The flags are overrides like any --set, so load_spec checks them and names the spec file.
     flags = list(args.overrides)
     if args.source:
@@ -73,16 +71,18 @@ def prepare_command(args) -> int:
     if args.num_proc is not None:
         flags.append(f"data.num_proc={args.num_proc}")
     spec = load_spec(args.spec, flags)
+    from raygpt.data.prepare import prepare  # torch: seconds to import, after the checks
+
     prepare(spec, Storage.from_config(spec.storage), console=Console())
     return 0
 
 
 def train_command(args) -> int:
     """``raygpt train SPEC [--set k=v] [--address A] [--num-cpus N]``."""
-    from raygpt.train.launch import train
-
-    check_ray_flags(args)
     spec = load_spec(args.spec, args.overrides)
+    check_ray_flags(args)
+    from raygpt.train.launch import train  # torch and Ray: seconds to import, after the checks
+
     summary = train(spec, address=args.address, num_cpus=args.num_cpus)
     final = summary.get("final") or {}
     if final:
@@ -94,12 +94,12 @@ def train_command(args) -> int:
 
 def eval_command(args) -> int:
     """``raygpt eval SPEC [--model REF]... [--task test_loss|hellaswag]...``."""
-    from raygpt.evaluate import EVAL_TASKS
-
-    check_ray_flags(args)
-    check_flag_uris(("--model", args.models, True))
     flags = list(args.overrides) + ([f"eval.tasks=[{','.join(args.tasks)}]"] if args.tasks else [])
     spec = load_spec(args.spec, flags)
+    check_ray_flags(args)
+    check_flag_uris(("--model", args.models, True))
+    from raygpt.evaluate import EVAL_TASKS  # torch and Ray: seconds to import, after the checks
+
     models = list(args.models) if args.models else list(spec.eval.models)
     for task in spec.eval.tasks:
         evaluate, show = EVAL_TASKS[task]
@@ -111,11 +111,11 @@ def eval_command(args) -> int:
 
 def ift_command(args) -> int:
     """``raygpt ift SPEC [--model REF]... [--data SOURCE] [--output URI] [--force]``."""
-    from raygpt.ift import print_summary, run_ift
-
+    spec = load_spec(args.spec, args.overrides)
     check_ray_flags(args)
     check_flag_uris(("--model", args.models, True), ("--output", args.output, True))
-    spec = load_spec(args.spec, args.overrides)
+    from raygpt.ift import print_summary, run_ift  # torch and Ray: seconds to import, after the checks
+
     if args.models:
         spec.ift.models = list(args.models)
     if args.data:
