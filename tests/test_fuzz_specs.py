@@ -9,6 +9,19 @@ replaced by a stub, so what is exercised is what a command does before its stage
 starts: argparse, the flag checks and ``load_spec``. A case passes when ``main`` returns 0
 with a spec that passes validation, or 2 with one ``raygpt VERB: error:`` line naming the
 problem; any other exception, or more than a few seconds, fails it.
+
+Accepted on purpose (about 50 of the cases are, with this seed):
+
+- Any string without a scheme is a local path: ``' '``, ``'\u202e'`` or a 5,000-character
+  name is a folder name to ``load_spec``; the OS judges it on first use, and the storage seam
+  turns its OSError into one RaygptError naming the path.
+- Registry names (``model.preset``, ``train.schedule``, ``train.parallel``, ``ift.prompt_style``)
+  are not checked by ``load_spec``: the registries sit above ``raygpt.config`` in the layers.
+  ``raygpt train`` checks them (``config_from_spec``, ``plan_run``) before it connects to Ray.
+- Any finite float: ``train.preemption_check_s: 9.2e18`` is a valid, if useless, setting.
+- A spec cut short that is still valid YAML is a valid (shorter) spec.
+- A FIFO as the spec path blocks in ``open`` until something writes to it, like ``cat``;
+  regular files and character devices (``/dev/zero``) are read up to the size limit.
 """
 
 from __future__ import annotations
