@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
 from raygpt.errors import RaygptError
+from raygpt.storage import endpoint_problem, uri_problem, without_userinfo
 
 
 @dataclass
@@ -568,8 +570,13 @@ def _worker_count_problems(num_workers: Any) -> list[str]:
 def check_spec(spec: RunSpec) -> list[str]:
     """Cross-field checks that types alone cannot express; each problem names its key."""
     problems = []
-    if not spec.name or "/" in spec.name:
-        problems.append(f"name: {spec.name!r} must be a non-empty name without '/'")
+    problem = run_name_problem(spec.name)
+    if problem:
+        problems.append(f"name: {problem}")
+    problems += [f"report.runs[{i}]: {p}" for i, name in enumerate(spec.report.runs) if (p := run_name_problem(name))]
+    problems += _finite_problems(spec)
+    problems += _uri_problems(spec)
+    problems += _seed_problems(spec)
     t = spec.train
     problems += _worker_count_problems(t.num_workers)
     for key in ("global_batch_tokens", "micro_batch_size", "log_interval", "cpus_per_worker", "val_tokens"):
@@ -583,6 +590,9 @@ def check_spec(spec: RunSpec) -> list[str]:
     for key in ("warmup_steps", "val_interval", "weight_decay", "grad_clip"):
         if getattr(t, key) < 0:
             problems.append(f"train.{key}: must not be negative, got {getattr(t, key)}")
+    for key in ("beta1", "beta2"):
+        if not 0 <= getattr(t, key) < 1:
+            problems.append(f"train.{key}: must be in [0, 1) (AdamW's moment decay), got {getattr(t, key)}")
     if not 0 <= t.min_lr_ratio <= 1:
         problems.append(f"train.min_lr_ratio: must be in [0, 1], got {t.min_lr_ratio}")
     if t.max_failures < -1:
@@ -655,6 +665,76 @@ def check_spec(spec: RunSpec) -> list[str]:
     return problems
 
 
+def run_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a run (a folder under ``storage_path`` and Ray Train's key), or None."""
+    if not name or name in (".", ".."):
+        return f"{name!r} is not a run name: give a folder name such as gpt2-small-run1"
+    if "/" in name or "\\" in name:
+        return f"{name!r}: a run name is one folder name, without '/' or '\\'"
+    if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in name):
+        return f"{name!r}: a run name holds no control characters (newline, tab, ...)"
+    if name != name.strip():
+        return f"{name!r}: a run name neither starts nor ends with a space"
+    if len(name.encode()) > 200:
+        return f"{name[:40]!r}...: a run name has at most 200 bytes (it is a folder name)"
+    return None
+
+
+def _fields_of(section: Any, prefix: str):
+    """(key, value) of every field of a section, sections within it included."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _fields_of(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value
+
+
+def _finite_problems(spec: RunSpec) -> list[str]:
+    """NaN passes every ``<``/``>`` check and infinity most: refuse both in every float field
+    (a NaN learning rate would train to a NaN loss, and finish)."""
+    return [f"{key}: must be a finite number, got {value}" for key, value in _fields_of(spec, "")
+            if isinstance(value, float) and not math.isfinite(value)]
+
+
+# Storage URIs of a spec, by what they may be: (key, remote allowed, http(s) allowed).
+_URI_FIELDS = (("storage_path", True, False), ("data.output", True, False), ("train.dataset", True, False),
+               ("eval.dataset", True, False), ("eval.output", True, False), ("eval.hellaswag_data", True, True),
+               ("ift.data", True, True), ("ift.output", True, False), ("judge.cache_dir", True, False),
+               ("judge.output", True, False), ("report.output", False, False), ("log.tensorboard_dir", True, False),
+               ("data.source", False, False))
+# Lists of model references (run names, folders, URIs, openai:NAME): only their URIs are checked.
+_URI_LIST_FIELDS = ("eval.models", "ift.models", "judge.answers")
+
+
+def _uri_problems(spec: RunSpec) -> list[str]:
+    problems = []
+    for key, remote, web in _URI_FIELDS:
+        section, _, name = key.rpartition(".")
+        value = getattr(getattr(spec, section) if section else spec, name)
+        problem = value is not None and uri_problem(value, remote=remote, web=web)
+        if problem:
+            problems.append(f"{key}: {problem}")
+    for key in _URI_LIST_FIELDS:
+        section, name = key.split(".")
+        problems += [f"{key}[{i}]: {p}" for i, ref in enumerate(getattr(getattr(spec, section), name))
+                     if (p := uri_problem(ref))]
+    if spec.storage.endpoint_url is not None and (problem := endpoint_problem(spec.storage.endpoint_url)):
+        problems.append(f"storage.endpoint_url: {problem}")
+    return problems
+
+
+SEED_LIMIT = 2**32
+"""Seeds are in 0..2**32-1: numpy's seed sequences take no negative seed, and the samples
+during training seed torch (whose seeds end at 2**64) with ``train.seed * 1_000_003 + step``."""
+
+
+def _seed_problems(spec: RunSpec) -> list[str]:
+    seeds = [("train.seed", spec.train.seed), ("ift.seed", spec.ift.seed), ("judge.seed", spec.judge.seed),
+             ("report.seed", spec.report.seed)] + [(f"ift.seeds[{i}]", s) for i, s in enumerate(spec.ift.seeds)]
+    return [f"{key}: must be in 0..{SEED_LIMIT - 1}, got {seed}" for key, seed in seeds if not 0 <= seed < SEED_LIMIT]
+
+
 def _check_log_eval_and_cost(spec: RunSpec) -> list[str]:
     """Checks of the ``log`` section and of the HellaSwag and cost fields."""
     problems = []
@@ -681,6 +761,74 @@ def _check_log_eval_and_cost(spec: RunSpec) -> list[str]:
 # Loading: YAML -> dataclasses, collecting every problem before raising.
 
 
+MAX_SPEC_BYTES = 1 << 20
+"""A run spec is a few kilobytes; reading stops after this many bytes, so a wrong path
+(``/dev/zero``, a dataset shard) fails at once instead of filling the memory."""
+
+MAX_YAML_DEPTH = 32
+"""Nesting deeper than this is refused: the deepest spec value is a list in a section, and
+PyYAML composes nested nodes recursively (10,000 levels raise RecursionError)."""
+
+MAX_PROBLEMS_SHOWN = 25
+"""A fuzzed or badly generated spec can have thousands of problems; the first ones are shown."""
+
+
+class _SpecLimitError(yaml.MarkedYAMLError):
+    """Well-formed YAML that raygpt will not read: too deep, or a value Python cannot hold."""
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses deep nesting and unreadable values (an integer of
+    5,000 digits, the date 2024-13-45) with an error that points at the line, instead of a
+    RecursionError or ValueError without one."""
+
+    def compose_node(self, parent, index):
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise _SpecLimitError(None, None, f"nested more than {MAX_YAML_DEPTH} levels deep",
+                                      self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, OverflowError) as e:
+            reason = str(e).split(";")[0]  # Python's int limit adds advice about sys.set_int_max_str_digits
+            raise _SpecLimitError(None, None, f"{_shorten(str(node.value))} cannot be read ({reason})",
+                                  node.start_mark) from None
+
+
+def _parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_SpecLoader)  # noqa: S506 (a SafeLoader)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    at = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
+    kind = "" if isinstance(e, _SpecLimitError) else "malformed YAML: "
+    return f"{at} {kind}{getattr(e, 'problem', None) or str(e)}"
+
+
+def read_spec_text(path: str | Path) -> str:
+    """The text of a spec file: at most ``MAX_SPEC_BYTES``, UTF-8, each failure one RaygptError naming the file."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_SPEC_BYTES + 1)
+    except (OSError, ValueError) as e:  # ValueError: a path with a NUL byte
+        raise RaygptError(f"{path}: cannot read run spec ({getattr(e, 'strerror', None) or e})") from None
+    if len(data) > MAX_SPEC_BYTES:
+        raise RaygptError(f"{path}: larger than {MAX_SPEC_BYTES // 1024} KiB; is it really a run spec (YAML)?")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise RaygptError(f"{path}: line {line}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); "
+                          "a run spec is a YAML file") from None
+
+
 def load_spec(path: str | Path | None = None, overrides: list[str] | None = None) -> RunSpec:
     """Load a run spec from YAML (or the defaults when ``path`` is None) and apply ``--set`` overrides.
 
@@ -689,24 +837,20 @@ def load_spec(path: str | Path | None = None, overrides: list[str] | None = None
     where = str(path) if path else "<defaults>"
     raw: dict[str, Any] = {}
     if path is not None:
+        text = read_spec_text(path)
         try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise RaygptError(f"{where}: cannot read run spec ({e.strerror})") from None
-        try:
-            raw = yaml.safe_load(text) or {}
+            raw = _parse_yaml(text)
         except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(e, "problem", None) or str(e)
-            raise RaygptError(f"{where}:{at}: malformed YAML: {problem}") from None
+            raise RaygptError(f"{where}:{_yaml_problem(e)}") from None
+        if raw is None:
+            raw = {}
         if not isinstance(raw, dict):
-            raise RaygptError(f"{where}: a run spec is a mapping of sections, got {type(raw).__name__}")
+            raise RaygptError(f"{where}: a run spec is a mapping of sections, got {_describe(raw)}")
     problems: list[str] = []
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            problems.append(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
+            problems.append(f"--set {_shorten(item)}: expected KEY=VALUE, e.g. train.lr=3e-4")
             continue
         node = raw
         *parents, leaf = key.split(".")
@@ -715,23 +859,32 @@ def load_spec(path: str | Path | None = None, overrides: list[str] | None = None
                 node[part] = {}
             node = node[part]
             if not isinstance(node, dict):
-                problems.append(f"--set {key}: {part} is not a section")
+                problems.append(f"--set {_shorten(key)}: {_shorten(part)} is not a section")
                 break
         else:
-            node[leaf] = _override_value(value)
+            try:
+                node[leaf] = _override_value(value)
+            except yaml.YAMLError as e:
+                problems.append(f"--set {_shorten(key)}:{_yaml_problem(e)}")
     values = _convert(RunSpec, raw, "", problems)
     if problems:
-        raise RaygptError(f"{where}: invalid run spec:\n  " + "\n  ".join(problems))
+        shown = problems[:MAX_PROBLEMS_SHOWN]
+        if len(problems) > len(shown):
+            shown.append(f"... and {len(problems) - len(shown)} more")
+        raise RaygptError(f"{where}: invalid run spec:\n  " + "\n  ".join(shown))
     return values
 
 
 def _override_value(text: str) -> Any:
     """A ``--set`` value parsed as YAML (numbers, booleans, lists, null); text that is not valid
-    YAML, such as a glob ``*.txt``, stays the string it is."""
+    YAML, such as a glob ``*.txt``, stays the string it is. Values YAML reads but raygpt
+    cannot take (deep nesting, a 5000-digit number) raise the YAMLError."""
     if not text:
         return text
     try:
-        return yaml.safe_load(text)
+        return _parse_yaml(text)
+    except _SpecLimitError:
+        raise
     except yaml.YAMLError:
         return text
 
@@ -803,7 +956,9 @@ def _coerce(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
             if isinstance(value, bool) or as_float is None or not as_float.is_integer():
                 problems.append(f"{key}: expected an integer, got {_describe(value)}")
                 return value
-            return int(as_float)
+            value = int(as_float)
+        if not -INT_LIMIT <= value < INT_LIMIT:
+            problems.append(f"{key}: {_shorten(str(value))} is out of range (integers fit in 64 bits)")
         return value
     if tp is float:
         if isinstance(value, bool):
@@ -811,7 +966,7 @@ def _coerce(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
             return value
         try:
             return float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an integer beyond 1e308
             problems.append(f"{key}: expected a number, got {_describe(value)}")
             return value
     if tp is str:
@@ -821,6 +976,10 @@ def _coerce(tp: Any, value: Any, key: str, problems: list[str]) -> Any:
     return value
 
 
+INT_LIMIT = 2**63
+"""Integer fields fit in 64 bits (what torch, numpy and Ray's resource counts hold)."""
+
+
 def _describe(value: Any) -> str:
     if isinstance(value, dict):
         return "a mapping"
@@ -828,16 +987,13 @@ def _describe(value: Any) -> str:
         return "a list"
     if value is None:
         return "nothing"
-    return f"{value!r} ({type(value).__name__})"
+    text = str(value) if isinstance(value, int) and not isinstance(value, bool) else repr(value)
+    return f"{_shorten(text)} ({type(value).__name__})"
 
 
-def without_userinfo(url: str | None) -> str | None:
-    """``http://user:secret@host:9000`` -> ``http://host:9000``: a URL may carry credentials."""
-    if not url or "@" not in url:
-        return url
-    parts = urlsplit(url)
-    host = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+def _shorten(text: str, limit: int = 60) -> str:
+    """A value as a message shows it: a 5000-digit number or a pasted file is cut short."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def recorded_spec(spec: RunSpec) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.console import Console
 
 from raygpt.config import load_spec
+from raygpt.errors import RaygptError
 from raygpt.stages import RUN_RECORD_FILE, run_dir
 from raygpt.storage import Storage, join
 
@@ -22,10 +23,41 @@ def make_console(log_width: int = 200, **options) -> Console:
     return console if console.is_terminal else Console(width=log_width, **options)
 
 
+MAX_LOCAL_CPUS = 1 << 16
+"""Logical CPUs a local instance may claim: more is a typo, and Ray keeps resource amounts
+in fixed point, where 10**15 overflows."""
+
+
+def check_ray_flags(args) -> None:
+    """``--address`` and ``--num-cpus`` checked before the spec is read and before any Ray
+    starts; whether the address answers is checked when the stage connects."""
+    from raygpt.cluster import address_problem
+
+    problems = []
+    if args.address is not None and (problem := address_problem(args.address)):
+        problems.append(f"--address {problem}")
+    if args.num_cpus is not None and not 0 < args.num_cpus <= MAX_LOCAL_CPUS:
+        problems.append(f"--num-cpus: must be in 1..{MAX_LOCAL_CPUS}, got {args.num_cpus}")
+    if problems:
+        raise RaygptError("; ".join(problems))
+
+
+def check_flag_uris(*flags: tuple[str, list[str] | str | None, bool]) -> None:
+    """(flag, value or values, whether s3:// is allowed): the URIs that flags put beside the
+    spec's, which ``load_spec`` never sees, checked as it checks those."""
+    from raygpt.storage import uri_problem
+
+    problems = []
+    for flag, values, remote in flags:
+        for value in [values] if isinstance(values, str) else values or []:
+            if problem := uri_problem(value, remote=remote):
+                problems.append(f"{flag} {problem}")
+    if problems:
+        raise RaygptError("; ".join(problems))
+
+
 def prepare_command(args) -> int:
     """``raygpt data prepare [SPEC] [--source S] [--output URI] [--tokens N | --chinchilla PRESET]``."""
-    from raygpt.data.prepare import prepare
-
     # The flags are overrides like any --set, so load_spec checks them and names the spec file.
     flags = list(args.overrides)
     if args.source:
@@ -39,15 +71,18 @@ def prepare_command(args) -> int:
     if args.num_proc is not None:
         flags.append(f"data.num_proc={args.num_proc}")
     spec = load_spec(args.spec, flags)
+    from raygpt.data.prepare import prepare  # torch: seconds to import, after the checks
+
     prepare(spec, Storage.from_config(spec.storage), console=Console())
     return 0
 
 
 def train_command(args) -> int:
     """``raygpt train SPEC [--set k=v] [--address A] [--num-cpus N]``."""
-    from raygpt.train.launch import train
-
     spec = load_spec(args.spec, args.overrides)
+    check_ray_flags(args)
+    from raygpt.train.launch import train  # torch and Ray: seconds to import, after the checks
+
     summary = train(spec, address=args.address, num_cpus=args.num_cpus)
     final = summary.get("final") or {}
     if final:
@@ -59,10 +94,12 @@ def train_command(args) -> int:
 
 def eval_command(args) -> int:
     """``raygpt eval SPEC [--model REF]... [--task test_loss|hellaswag]...``."""
-    from raygpt.evaluate import EVAL_TASKS
-
     flags = list(args.overrides) + ([f"eval.tasks=[{','.join(args.tasks)}]"] if args.tasks else [])
     spec = load_spec(args.spec, flags)
+    check_ray_flags(args)
+    check_flag_uris(("--model", args.models, True))
+    from raygpt.evaluate import EVAL_TASKS  # torch and Ray: seconds to import, after the checks
+
     models = list(args.models) if args.models else list(spec.eval.models)
     for task in spec.eval.tasks:
         evaluate, show = EVAL_TASKS[task]
@@ -74,9 +111,11 @@ def eval_command(args) -> int:
 
 def ift_command(args) -> int:
     """``raygpt ift SPEC [--model REF]... [--data SOURCE] [--output URI] [--force]``."""
-    from raygpt.ift import print_summary, run_ift
-
     spec = load_spec(args.spec, args.overrides)
+    check_ray_flags(args)
+    check_flag_uris(("--model", args.models, True), ("--output", args.output, True))
+    from raygpt.ift import print_summary, run_ift  # torch and Ray: seconds to import, after the checks
+
     if args.models:
         spec.ift.models = list(args.models)
     if args.data:
@@ -90,6 +129,7 @@ def ift_command(args) -> int:
 
 def judge_command(args) -> int:
     """``raygpt judge SPEC [--answers URI]... [--dry-run | --export-alpaca-eval DIR]``."""
+    check_flag_uris(("--answers", args.answers, True), ("--export-alpaca-eval", args.export_alpaca_eval, True))
     spec = load_spec(args.spec, args.overrides)
     if args.answers:
         spec.judge.answers = list(args.answers)
@@ -111,6 +151,7 @@ def report_command(args) -> int:
     """``raygpt report [SPEC] [--output DIR]``."""
     from raygpt.report import build_report, render_terminal, write_report
 
+    check_flag_uris(("--output", args.output, False))
     spec = load_spec(args.spec, args.overrides)
     if args.output:
         spec.report.output = args.output
@@ -125,7 +166,6 @@ def report_command(args) -> int:
 def export_command(args) -> int:
     """``raygpt export MODEL OUT [--dtype bf16] [--push-to-hub REPO [--private]]``: a model (run
     name, checkpoint URI, ift:NAME, openai:NAME) as a Hugging Face GPT-2 folder with a model card."""
-    from raygpt.errors import RaygptError
     from raygpt.storage import is_remote
     from raygpt.weights.hf import EXPORT_DTYPES, export_hf
     from raygpt.weights.hub import connect_hub, model_card, model_facts, push_folder
@@ -178,7 +218,6 @@ def sample_command(args) -> int:
 
     import torch
 
-    from raygpt.errors import RaygptError
     from raygpt.sample import sample_text
     from raygpt.weights.refs import load_model
 

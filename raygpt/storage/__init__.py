@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 
@@ -30,6 +32,72 @@ from raygpt.storage.retry import RetryPolicy, StoreUnavailableError
 
 def is_remote(uri: str) -> bool:
     return uri.startswith("s3://")
+
+
+# S3's own rule is 3-63 lowercase letters, digits, dots and hyphens; capitals and underscores
+# are let through because buckets made before 2018 (and some S3-compatible servers) have them.
+_BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,61}[A-Za-z0-9]")
+# A scheme of two or more letters and a colon-slash: one letter is a Windows drive (C:/...),
+# and ``openai:gpt2``, ``ift:name`` model references have no slash after the colon.
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):/")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def uri_problem(uri: str, remote: bool = True, web: bool = False) -> str | None:
+    """Why ``uri`` is not a place this seam can read or write, or None when it is: a local
+    path, or (``remote``) ``s3://bucket/prefix``, or (``web``, for inputs fetched over HTTP)
+    an ``http(s)://`` URL. Anything else that looks like a URI is refused rather than taken
+    for a local folder named ``gs:`` or ``S3:``. The message starts with the URI."""
+    if not isinstance(uri, str) or not uri:
+        return f"{uri!r}: empty; give a local path" + (" or s3://bucket/prefix" if remote else "")
+    if _CONTROL.search(uri):
+        return f"{uri!r}: holds a control character (a newline, a tab or NUL)"
+    if uri.startswith("s3://"):
+        if not remote:
+            return f"{uri}: must be a local path here, not an s3:// URI"
+        bucket = uri[len("s3://"):].split("/", 1)[0]
+        if not _BUCKET.fullmatch(bucket):
+            return (f"{uri}: {bucket!r} is not an S3 bucket name (3-63 letters, digits, '.', '-'); "
+                    "expected s3://bucket/prefix")
+        return None
+    scheme = _SCHEME.match(uri)
+    if uri[:3].lower() == "s3:":
+        return f"{uri}: write S3 URIs as s3://bucket/prefix (lowercase s3, two slashes)"
+    if scheme:
+        if web and scheme.group(1) in ("http", "https"):
+            return None
+        allowed = ["a local path"] + (["s3://bucket/prefix"] if remote else []) + (["an http(s):// URL"] if web else [])
+        return f"{uri}: {scheme.group(1)}:// is not supported; give {' or '.join(allowed)}"
+    return None
+
+
+def endpoint_problem(url: str) -> str | None:
+    """Why ``url`` is not an S3 endpoint (``http(s)://host[:port]``), or None when it is one."""
+    parts = urlsplit(url) if isinstance(url, str) and not _CONTROL.search(url) else None
+    try:
+        port_ok = parts is not None and (parts.port is None or parts.port > 0)
+    except ValueError:  # a port that is no number, or above 65535
+        port_ok = False
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        shown = without_userinfo(url) if isinstance(url, str) else url
+        return f"{shown!r} is not an S3 endpoint; expected http(s)://host[:port], e.g. http://127.0.0.1:8333"
+    return None
+
+
+def without_userinfo(url: str | None) -> str | None:
+    """``http://user:secret@host:9000`` -> ``http://host:9000``: a URL may carry credentials."""
+    if not url or "@" not in url:
+        return url
+    parts = urlsplit(url)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+def check_uri(uri: str) -> None:
+    """A RaygptError when ``uri`` is neither a local path nor ``s3://bucket/...``."""
+    problem = uri_problem(uri)
+    if problem:
+        raise RaygptError(problem)
 
 
 def join(uri: str, *parts: str) -> str:
@@ -71,6 +139,11 @@ class Storage:
 
     def s3_filesystem(self, background_writes: bool = True) -> pafs.S3FileSystem:
         endpoint = self.resolved_endpoint()
+        problem = endpoint and endpoint_problem(endpoint)
+        if problem:
+            source = ("storage.endpoint_url" if self.endpoint_url else
+                      "AWS_ENDPOINT_URL_S3" if os.environ.get("AWS_ENDPOINT_URL_S3") else "AWS_ENDPOINT_URL")
+            raise RaygptError(f"{source}: {problem}")
         kwargs: dict[str, Any] = dict(
             background_writes=background_writes,
             region=self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
@@ -88,6 +161,7 @@ class Storage:
 
     def resolve(self, uri: str) -> tuple[pafs.FileSystem, str]:
         """The pyarrow filesystem and the path within it for a local path or ``s3://`` URI."""
+        check_uri(uri)
         if is_remote(uri):
             return self.s3_filesystem(), uri[len("s3://"):].rstrip("/")
         return pafs.LocalFileSystem(), str(Path(uri).expanduser().absolute())

@@ -15,7 +15,7 @@ import os
 import sys
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import numpy as np
@@ -218,11 +218,15 @@ def _train(spec: RunSpec, address: str | None, num_cpus: int | None, console, st
     config = config_from_spec(spec.model)
     resume_state = check_resume(run_uri, spec, storage, manifest_hash(manifest))
 
+    # The plan's arithmetic (and the schedule and strategy names) do not depend on the cluster:
+    # checked before Ray starts, and only whether it uses GPUs is filled in after.
+    plan = plan_run(spec, manifest["splits"]["train"]["tokens"], use_gpu=False)
+    check_validation_split(manifest, plan, spec)
+
     started_locally = not (address or os.environ.get("RAY_ADDRESS")) and not ray.is_initialized()
     connect(address, num_cpus)
     use_gpu = spec.train.use_gpu if spec.train.use_gpu is not None else cluster_has_gpus()
-    plan = plan_run(spec, manifest["splits"]["train"]["tokens"], use_gpu)
-    check_validation_split(manifest, plan, spec)
+    plan = replace(plan, use_gpu=use_gpu)
     check_cluster(plan, spec, started_locally)
     start_step = resume_state["step"] if resume_state else 0
 
