@@ -23,6 +23,7 @@ No torch, no Ray: ``raygpt submit`` checks the lease before it submits a job.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
@@ -33,7 +34,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from raygpt.errors import RaygptError
-from raygpt.storage import Storage, join
+from raygpt.storage import Storage, is_remote, join
 
 LEASE_FILE = "lease.json"
 
@@ -153,6 +154,9 @@ class RunLease:
                 held = read_lease(self.run_uri, self.storage)
                 if held is not None and held.get("owner") == self.owner:
                     self.storage.delete(self.uri)
+                    if not is_remote(self.run_uri):  # a run that wrote nothing leaves no empty folder
+                        with contextlib.suppress(OSError):
+                            os.rmdir(self.run_uri)
         except RaygptError as e:
             print(f"raygpt train: cannot release the lease of run {self.run_name} ({e}); the next driver "
                   f"takes it over after {self.expires_after_s:.0f} s", file=sys.stderr)
