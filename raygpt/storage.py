@@ -11,6 +11,7 @@ so a reader never sees half a file. Credentials come from the standard AWS chain
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -102,6 +103,16 @@ class Storage:
         with _explained(uri, "read"):
             with fs.open_input_stream(path) as f:
                 return f.read()
+
+    def sha256(self, uri: str, chunk_bytes: int = 8 << 20) -> str:
+        """The SHA-256 hex digest of a stored file, read in chunks (a 1 GiB file never sits in memory)."""
+        fs, path = self.resolve(uri)
+        digest = hashlib.sha256()
+        with _explained(uri, "read"):
+            with fs.open_input_stream(path) as f:
+                while chunk := f.read(chunk_bytes):
+                    digest.update(chunk)
+        return digest.hexdigest()
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         """Write atomically: a temporary object first, moved into place when complete."""
