@@ -4,6 +4,7 @@ the tensor."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -151,8 +152,6 @@ GOLDEN = os.path.join(os.path.dirname(__file__), "data", "checkpoint-v0.1.0")
 def test_a_checkpoint_written_by_raygpt_0_1_0_still_loads_and_resumes():
     """tests/data/checkpoint-v0.1.0 was written by the flat-module raygpt (before the package
     split): its model computes the same logits, and every component resumes from it."""
-    import json
-
     expected = json.load(open(os.path.join(GOLDEN, "expected.json")))
     spec = load_spec(None, ["model.preset=tiny"])
     model, info = load_model(os.path.join(GOLDEN, "checkpoint_00000001"), spec, Storage())
@@ -170,3 +169,71 @@ def test_a_checkpoint_written_by_raygpt_0_1_0_still_loads_and_resumes():
                                          expected="the golden model", where="golden")
     assert found_rng and state.step == 1 and state.tokens_seen == 32
     assert optimizer.state_dict()["state"][0]["step"] == 1
+
+
+def flip_bytes(path, offset_from_end: int = 200) -> None:
+    """Change bytes inside a file, keeping its size (a size check cannot tell)."""
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_loading_checks_every_file_against_its_recorded_sha256(tmp_path):
+    from raygpt.weights.checkpoint import checkpoint_problem
+
+    trainer = Trainer(init_seed=1)
+    trainer.step()
+    save_training_checkpoint(tmp_path / "c", 0, **trainer.components())
+    state = json.loads((tmp_path / "c" / "trainer_state.json").read_text())
+    assert sorted(state["sha256"]) == sorted(state["files"]) == [
+        "model.pt", "model_config.json", "optimizer.pt", "rng_rank0.pt"]
+    assert checkpoint_problem(tmp_path / "c") is None
+
+    flip_bytes(tmp_path / "c" / "model.pt", offset_from_end=4000)  # inside a tensor's bytes
+    fresh = Trainer(init_seed=2)
+    with pytest.raises(RaygptError, match=r"checkpoint run/c: model.pt differs from the SHA-256 its "
+                                          r"trainer_state.json records \(its bytes changed after the save\)"):
+        load_training_checkpoint(tmp_path / "c", 0, **fresh.components(), expected="x", where="run/c")
+
+    save_training_checkpoint(tmp_path / "d", 0, **trainer.components())
+    optimizer = tmp_path / "d" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:-100])
+    with pytest.raises(RaygptError, match=r"optimizer.pt holds \d+ bytes but trainer_state.json records \d+ "
+                                          r"\(cut off or truncated\)"):
+        load_training_checkpoint(tmp_path / "d", 0, **fresh.components(), expected="x", where="run/d")
+    (tmp_path / "d" / "trainer_state.json").unlink()
+    assert checkpoint_problem(tmp_path / "d") == ("no trainer_state.json (the save was cut off, or the file was "
+                                                  "lost)")
+
+
+def test_resume_choice_skips_damaged_checkpoints_and_says_why(tmp_path):
+    from raygpt.weights.checkpoint import choose_resume_checkpoint
+
+    root, storage, trainer = str(tmp_path / "runs"), Storage(), Trainer(init_seed=1)
+    names = []
+    for _ in range(3):
+        trainer.step()
+        names.append(os.path.basename(write_checkpoint(root, "demo", trainer, tmp_path / "local")))
+    run = tmp_path / "runs" / "demo"
+    flip_bytes(run / names[2] / "model.pt", offset_from_end=4000)
+    (run / names[1] / "trainer_state.json").unlink()
+    choice = choose_resume_checkpoint(join(root, "demo"), storage)
+    assert choice.name == names[0] and choice.checked == "sha256"
+    assert [n for n, _ in choice.skipped] == [names[2], names[1]]
+    assert "model.pt differs from the SHA-256" in choice.skipped[0][1] and "no trainer_state.json" in choice.skipped[1][1]
+
+    optimizer = run / names[0] / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    with pytest.raises(RaygptError, match=r"run .*demo: none of its 3 checkpoint\(s\) is intact \(checkpoint_00000003: "
+                                          r"model.pt differs .*; checkpoint_00000001: optimizer.pt holds 100 bytes .*\): "
+                                          r"put an intact copy back, or start a new run name"):
+        choose_resume_checkpoint(join(root, "demo"), storage)
+
+
+def test_a_save_never_reuses_a_folder_the_run_already_holds():
+    from raygpt.weights.checkpoint import checkpoint_dir_name, checkpoint_order
+
+    assert checkpoint_dir_name(6) == "checkpoint_00000006"
+    assert checkpoint_dir_name(6, taken=["checkpoint_00000006", "checkpoint_00000006.1"]) == "checkpoint_00000006.2"
+    assert sorted(["checkpoint_00000006.1", "checkpoint_00000010", "checkpoint_00000006"], key=checkpoint_order) == [
+        "checkpoint_00000006", "checkpoint_00000006.1", "checkpoint_00000010"]

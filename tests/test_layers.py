@@ -38,7 +38,7 @@ FORBIDDEN = {
     "raygpt.train.step": ("ray",), "raygpt.train.metrics": ("ray",), "raygpt.train.components": ("ray",),
     "raygpt.train.plan": ("ray",), "raygpt.train.parallel": ("ray",), "raygpt.train.schedule": ("ray",),
     "raygpt.train.sinks": ("ray",), "raygpt.train.saving": ("ray",), "raygpt.train.attempts": ("ray", "torch"),
-    "raygpt.train.samples": ("ray",),
+    "raygpt.train.samples": ("ray",), "raygpt.train.resume": ("ray",),
     "raygpt.train.lease": ("ray", "torch"), "raygpt.data": ("ray", "boto3"), "raygpt.weights": ("ray", "boto3"),
     "raygpt.sample": ("ray", "boto3"), "raygpt.cost": ("torch", "ray"),
     "raygpt.evaluate": ("boto3",),

@@ -207,3 +207,121 @@ def test_a_run_interrupted_twice_computes_the_same_losses(reference, tiny_datase
     again = train(tiny_spec(str(tmp_path), tiny_dataset, "twice"))  # already finished: nothing to do
     assert again["final"]["step"] == MAX_STEPS
     assert json.loads((tmp_path / "twice" / "run.json").read_text())["sessions"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged checkpoints and unfinished run records (issue 13)
+
+
+@pytest.fixture(scope="module")
+def six_steps(ray_local, tiny_dataset, tmp_path_factory):
+    """A run stopped after step 6 on local storage: checkpoints 3 and 6 (Ray Train's listing
+    names 6). Tests copy it and damage the copy."""
+    root = tmp_path_factory.mktemp("six")
+    summary = train(tiny_spec(str(root), tiny_dataset, "six", "train.stop_at_step=6", "checkpoint.async_upload=false"))
+    assert summary["status"] == "stopped" and summary["final"]["step"] == 6
+    return root / "six"
+
+
+def copy_run(source: Path, root: Path, name: str) -> Path:
+    import shutil
+
+    shutil.copytree(source, root / name)
+    return root / name
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+
+
+def flip_inside(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside the tensors' bytes: the size stays
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "model-truncated": (lambda c: truncate(c / "model.pt"), r"model.pt holds \d+ bytes but trainer_state.json"),
+    "optimizer-truncated": (lambda c: truncate(c / "optimizer.pt"), r"optimizer.pt holds \d+ bytes"),
+    "model-bytes-changed": (lambda c: flip_inside(c / "model.pt"), r"model.pt differs from the SHA-256"),
+    "state-deleted": (lambda c: (c / "trainer_state.json").unlink(), r"no trainer_state.json"),
+}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_resumes_from_the_previous(
+        damage, six_steps, reference, tiny_dataset, tmp_path, capsys):
+    import re
+
+    run = copy_run(six_steps, tmp_path, "damaged")
+    corrupt, problem = DAMAGE[damage]
+    corrupt(run / "checkpoint_00000006")
+    summary = train(tiny_spec(str(tmp_path), tiny_dataset, "damaged", "checkpoint.async_upload=false"))
+    output = capsys.readouterr()
+    assert re.search(r"skipped checkpoint \S*checkpoint_00000006: " + problem, output.err), output.err
+    assert "resuming from " in output.err and "checkpoint_00000003, the newest intact checkpoint" in output.err
+    assert summary["status"] == "finished" and summary["final"]["step"] == MAX_STEPS
+    assert summary["resumed_from"]["checkpoint"] == "checkpoint_00000003"
+    assert [s["checkpoint"] for s in summary["resumed_from"]["skipped"]] == ["checkpoint_00000006"]
+    records = read_metrics(str(run), Storage())
+    assert [r["resumed_from_step"] for r in records if "resumed_from_step" in r] == [0, 3]
+    first = next(r for r in records if r.get("resumed_from_step") == 3)
+    # Ray Train's listing named the damaged one; the workers took the driver's choice.
+    assert (first["resumed_from_checkpoint"], first["ray_checkpoint"]) == ("checkpoint_00000003", "checkpoint_00000006")
+    assert step_losses(records) == reference
+    # Step 6 was saved again beside the damaged folder, under its own name: Ray Train deletes
+    # its old checkpoints by folder, and must not take the new one with the damaged one.
+    assert "checkpoint_00000006.1" in {r.get("checkpoint") for r in records}
+
+
+@pytest.mark.integration
+def test_no_intact_checkpoint_is_one_clear_error(six_steps, tiny_dataset, tmp_path):
+    run = copy_run(six_steps, tmp_path, "ruined")
+    flip_inside(run / "checkpoint_00000006" / "model.pt")
+    truncate(run / "checkpoint_00000003" / "optimizer.pt")
+    with pytest.raises(RaygptError, match=r"run \S*ruined: none of its 2 checkpoint\(s\) is intact \("
+                                          r"checkpoint_00000006: model.pt differs .*; checkpoint_00000003: optimizer.pt "
+                                          r"holds \d+ bytes .*\): put an intact copy back, or start a new run name"):
+        train(tiny_spec(str(tmp_path), tiny_dataset, "ruined"))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("carried", [True, False], ids=["restored", "lost"])
+def test_a_rerun_completes_the_record_a_driver_killed_during_the_final_upload_left(
+        carried, six_steps, reference, tiny_dataset, tmp_path, capsys):
+    """The last checkpoint reached the store, but the driver died before run.json and the last
+    record of metrics.jsonl (steps 7 and 8) were written."""
+    run = copy_run(six_steps, tmp_path, "killed")
+    spec = tiny_spec(str(tmp_path), tiny_dataset, "killed", "checkpoint.async_upload=false")
+    train(spec)
+    record = json.loads((run / "run.json").read_text())
+    record.update(status="running", final=None, finished=None)
+    (run / "run.json").write_text(json.dumps(record))
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["step"] == MAX_STEPS
+    (run / "metrics.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    if not carried:  # a checkpoint of raygpt before 0.4: it carries no metrics
+        state_file = run / os.path.basename(latest_checkpoint(str(run), Storage())) / "trainer_state.json"
+        state = json.loads(state_file.read_text())
+        del state["recent_metrics"]
+        state_file.write_text(json.dumps(state))
+    capsys.readouterr()
+
+    summary = train(spec)
+    output = capsys.readouterr()
+    assert "already at step 8 of 8, but its run record was left 'running': completed it as 'finished'" in output.out
+    record = json.loads((run / "run.json").read_text())
+    assert record["status"] == summary["status"] == "finished" and record["final"]["step"] == MAX_STEPS
+    assert record["finished"] is not None and record["sessions"] == 2
+    records = read_metrics(str(run), Storage())
+    if carried:
+        assert step_losses(records) == reference and records[-1]["step"] == MAX_STEPS
+        assert record["final"]["loss"] == records[-1]["loss"] and "lost_steps" not in record
+        assert "restored step(s) 7-8" in output.err
+    else:
+        assert record["lost_steps"] == [7, 8] and "step(s) 7-8 are lost" in output.err
+        assert sorted(step_losses(records)) == list(range(1, 7))
+
+    again = train(spec)  # complete now: nothing to do
+    assert again["status"] == "finished" and "nothing to do" in capsys.readouterr().out

@@ -15,6 +15,7 @@ a message.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -201,6 +202,19 @@ class Storage:
                 return f.read()
 
         return self._run(uri, "read", read)
+
+    def sha256(self, uri: str, chunk_bytes: int = 8 << 20) -> str:
+        """The SHA-256 hex digest of a stored file, read in chunks (a 1 GiB file never sits in memory)."""
+        fs, path = self.resolve(uri)
+
+        def digest() -> str:
+            hashed = hashlib.sha256()
+            with fs.open_input_stream(path) as f:
+                while chunk := f.read(chunk_bytes):
+                    hashed.update(chunk)
+            return hashed.hexdigest()
+
+        return self._run(uri, "read", digest)
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         """Write atomically: a temporary object first, moved into place when complete."""

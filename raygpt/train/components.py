@@ -21,9 +21,18 @@ from raygpt.errors import RaygptError
 from raygpt.train.schedule import Schedule
 
 
+RECENT_METRICS_KEPT = 1000
+"""At most this many metrics records ride along in a checkpoint (the oldest go first)."""
+
+
 class TrainerState:
     """The trainer's own resumable state. Tiny: data order and learning rate are functions of the
-    step, so the step is also the data cursor and the schedule position."""
+    step, so the step is also the data cursor and the schedule position.
+
+    It also carries the metrics records reported since the previous checkpoint
+    (``recent_metrics``): a driver lost before it wrote them to ``metrics.jsonl`` (killed
+    during the final upload, say) leaves them in the checkpoint, where the next session finds
+    them. They are not restored into a resumed worker: the next checkpoint holds its own."""
 
     def __init__(self, schedule: Schedule, scaler: torch.amp.GradScaler, seed: int, spec: RunSpec,
                  world_size: int, manifest_sha256: str | None = None):
@@ -31,6 +40,15 @@ class TrainerState:
         self.tokens_seen = 0
         self.schedule, self.scaler, self.seed, self.spec, self.world_size = schedule, scaler, seed, spec, world_size
         self.manifest_sha256 = manifest_sha256
+        self.recent_metrics: list[dict[str, Any]] = []
+
+    def note_metrics(self, record: dict[str, Any]) -> None:
+        """A metrics record this worker reports (JSON-safe), for the next checkpoint to carry."""
+        self.recent_metrics = [*self.recent_metrics[-(RECENT_METRICS_KEPT - 1):], record]
+
+    def checkpointed(self) -> None:
+        """The records so far are in a checkpoint's state now."""
+        self.recent_metrics = []
 
     def advance(self, tokens: int) -> None:
         self.step += 1
@@ -41,7 +59,8 @@ class TrainerState:
                 "data": {"seed": self.seed, "next_batch": self.step, "manifest_sha256": self.manifest_sha256},
                 "schedule": {**self.schedule.state_dict(), "next_lr": self.schedule.lr_at(self.step)},
                 "scaler": self.scaler.state_dict(), "world_size": self.world_size,
-                "raygpt_version": __version__, "spec": recorded_spec(self.spec)}
+                "raygpt_version": __version__, "spec": recorded_spec(self.spec),
+                "recent_metrics": self.recent_metrics}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])

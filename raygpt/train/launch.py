@@ -11,6 +11,7 @@ restarts after a lost worker or node, and every report goes through the run's me
 from __future__ import annotations
 
 import _thread
+import json
 import os
 import sys
 import threading
@@ -43,12 +44,12 @@ from raygpt.data.batches import count_eval_windows
 from raygpt.data.manifest import load_manifest, manifest_hash
 from raygpt.errors import RaygptError
 from raygpt.model import GPT, config_from_spec
-from raygpt.stages import RUN_RECORD_FILE
+from raygpt.stages import METRICS_FILE, RUN_RECORD_FILE
 from raygpt.storage import Storage, join
 from raygpt.train.attempts import AttemptLog, describe_attempts
 from raygpt.train.lease import RunLease
 from raygpt.train.loop import train_loop_per_worker
-from raygpt.train.metrics import MetricsStream, read_metrics, summarize
+from raygpt.train.metrics import MetricsStream, describe_steps, read_metrics, recover_records, summarize
 from raygpt.train.plan import TrainPlan, plan_run
 from raygpt.train.progress import ProgressView
 from raygpt.train.runrecord import RunRecord
@@ -56,8 +57,9 @@ from raygpt.train.sinks import MetricsFile, QueueSink, end_tracker_runs, prepare
 from raygpt.weights.checkpoint import (
     MODEL_CONFIG_FILE,
     TRAINER_STATE_FILE,
+    ResumeChoice,
     check_state_shapes,
-    latest_checkpoint,
+    choose_resume_checkpoint,
     model_config_from_dict,
 )
 
@@ -86,13 +88,20 @@ DATA_DEFINING = ("global_batch_tokens", "seq_len", "seed")
 
 
 def check_resume(run_uri: str, spec: RunSpec, storage: Storage,
-                 manifest_sha256: str | None = None) -> dict[str, Any] | None:
-    """The trainer state of the checkpoint this run resumes from (None for a new run), after
-    checking that it holds the model the spec describes and reads the same data at every step
-    (the same global batch, sequence length, seed and dataset; the worker count may change)."""
-    latest = latest_checkpoint(run_uri, storage)
+                 manifest_sha256: str | None = None) -> tuple[ResumeChoice, dict[str, Any] | None]:
+    """The checkpoint this run resumes from, the newest complete and intact one (every file
+    hashed: the workers choose by the same rule), and its trainer state (None for a new run),
+    after checking that it holds the model the spec describes and reads the same data at
+    every step (the same global batch, sequence length, seed and dataset; the worker count
+    may change). Says which newer checkpoints it skipped, and why."""
+    choice = choose_resume_checkpoint(run_uri, storage)
+    for name, problem in choice.skipped:
+        print(f"raygpt train: skipped checkpoint {join(run_uri, name)}: {problem}", file=sys.stderr)
+    latest = choice.uri
     if latest is None:
-        return None
+        return choice, None
+    if choice.skipped:
+        print(f"raygpt train: resuming from {latest}, the newest intact checkpoint", file=sys.stderr)
     saved_config = model_config_from_dict(storage.read_json(join(latest, MODEL_CONFIG_FILE)),
                                           join(latest, MODEL_CONFIG_FILE))
     config = config_from_spec(spec.model)
@@ -107,7 +116,7 @@ def check_resume(run_uri: str, spec: RunSpec, storage: Storage,
     state = storage.read_json(join(latest, TRAINER_STATE_FILE))
     check_same_data(state, latest, spec, saved_config.context_length, config.context_length, manifest_sha256,
                     run_uri, storage)
-    return state
+    return choice, state
 
 
 def check_same_data(state: dict[str, Any], checkpoint: str, spec: RunSpec, saved_context: int, context: int,
@@ -178,6 +187,47 @@ class MetricsCallback(UserCallback):
         self.stream.failed(error, rank)
 
 
+def recover_metrics(run_uri: str, storage: Storage, resume: ResumeChoice,
+                    state: dict[str, Any] | None) -> dict[str, Any]:
+    """Complete ``metrics.jsonl`` up to the resume checkpoint's step from the records the
+    checkpoint carries (a driver lost after the checkpoint, before it wrote them, left them
+    there), and say so; returns the steps ``restored`` and ``lost`` (in neither)."""
+    if state is None:
+        return {"restored": [], "lost_steps": []}
+    records, restored, lost = recover_records(read_metrics(run_uri, storage), state, resume.name)
+    if restored:
+        storage.write_text(join(run_uri, METRICS_FILE), "".join(json.dumps(r) + "\n" for r in records))
+        print(f"raygpt train: restored step(s) {describe_steps(restored)} to {join(run_uri, METRICS_FILE)} from "
+              f"{resume.name}", file=sys.stderr)
+    if lost:
+        print(f"raygpt train: the metrics of step(s) {describe_steps(lost)} are lost: neither {METRICS_FILE} nor "
+              f"{resume.name} holds them (run.json lists them under lost_steps)", file=sys.stderr)
+    return {"restored": restored, "lost_steps": lost}
+
+
+def complete_record(spec: RunSpec, plan: TrainPlan, record: RunRecord, resume: ResumeChoice, step: int,
+                    recovery: dict[str, Any]) -> dict[str, Any]:
+    """The run already reached its last step. When an earlier session did not finish the run
+    record (its driver was lost during the final upload, so run.json still says ``running``),
+    finish it now from the checkpoint and ``metrics.jsonl``."""
+    previous = record.previous()
+    done = (previous is not None and previous.get("status") in ("finished", "stopped")
+            and (previous.get("final") or {}).get("step") == step and not recovery["restored"])
+    if done:
+        print(f"raygpt train: {spec.name} is already at step {step} of {plan.stop_step}; nothing to do")
+        return previous
+    records = read_metrics(join(spec.storage_path, spec.name), record.storage)
+    final = summarize(records)
+    final["step"] = step
+    status = "finished" if step == plan.max_steps else "stopped"
+    lost = record.record.get("lost_steps") or []
+    completed = record.complete(status, final=final, checkpoint=resume.uri, **({"lost_steps": lost} if lost else {}))
+    print(f"raygpt train: {spec.name} is already at step {step} of {plan.stop_step}, but its run record was left "
+          f"{(previous or {}).get('status', 'missing')!r}: completed it as {status!r} from {resume.name}"
+          + (f" (metrics of step(s) {describe_steps(lost)} are lost)" if lost else ""))
+    return completed
+
+
 def compile_cache_env() -> dict[str, str]:
     """The driver's ``TORCHINDUCTOR_CACHE_DIR``, when set, for the workers; otherwise each
     worker keeps its compiled kernels in ``~/.cache/raygpt/inductor`` on its node
@@ -216,7 +266,7 @@ def _train(spec: RunSpec, address: str | None, num_cpus: int | None, console, st
            lease: RunLease) -> dict[str, Any]:
     manifest = check_dataset(spec.train.dataset, storage)
     config = config_from_spec(spec.model)
-    resume_state = check_resume(run_uri, spec, storage, manifest_hash(manifest))
+    resume, resume_state = check_resume(run_uri, spec, storage, manifest_hash(manifest))
 
     # The plan's arithmetic (and the schedule and strategy names) do not depend on the cluster:
     # checked before Ray starts, and only whether it uses GPUs is filled in after.
@@ -238,9 +288,14 @@ def _train(spec: RunSpec, address: str | None, num_cpus: int | None, console, st
                 "cluster": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")}}
     record = RunRecord(spec, storage, manifest_sha256=manifest_hash(manifest), plan=asdict(plan), model=model_info,
                        hardware=hardware)
+    if resume.uri is not None or resume.skipped:
+        record.record["resumed_from"] = {"checkpoint": resume.name, "checked": resume.checked if resume.uri else None,
+                                         "skipped": [{"checkpoint": n, "problem": p} for n, p in resume.skipped]}
+    recovery = recover_metrics(run_uri, storage, resume, resume_state)
+    if recovery["lost_steps"]:
+        record.record["lost_steps"] = sorted({*record.earlier.get("lost_steps", []), *recovery["lost_steps"]})
     if start_step >= plan.stop_step:
-        print(f"raygpt train: {spec.name} is already at step {start_step} of {plan.stop_step}; nothing to do")
-        return record.previous() or record.record
+        return complete_record(spec, plan, record, resume, start_step, recovery)
     config_record = recorded_spec(spec)
     trackers = prepare_trackers(spec.log, spec.name, join(run_uri, "tensorboard"), config_record,
                                 record.earlier.get("trackers"))
@@ -278,7 +333,8 @@ def _train(spec: RunSpec, address: str | None, num_cpus: int | None, console, st
     )
     poll_reports_often()
     begun = time.time()
-    view = ProgressView(plan, start_step, queue, console, attempts=previous_attempts)
+    view = ProgressView(plan, start_step, queue, console, attempts=previous_attempts,
+                        skipped_checkpoints=[name for name, _ in resume.skipped])
 
     def cost() -> dict[str, Any]:
         """This session's cost added to the run's (the workers are held the whole session)."""

@@ -23,6 +23,7 @@ from ray.train import CheckpointUploadMode
 from raygpt.cluster import quiet_report_logs
 from raygpt.storage import Storage, join
 from raygpt.train.metrics import MetricsWindow, device_name
+from raygpt.train.resume import fetch_resume_checkpoint
 from raygpt.train.samples import training_samples
 from raygpt.train.saving import SaveSchedule
 from raygpt.train.step import Worker, agreed_setup, due, set_up_worker, start_checkpoint, train_step, validation_loss
@@ -41,11 +42,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.cuda.set_device(device)
 
     def build() -> Worker:
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return set_up_worker(spec, plan, rank, world_size, device)
-        with checkpoint.as_directory() as local:
-            return set_up_worker(spec, plan, rank, world_size, device, local, os.path.basename(checkpoint.path))
+        # Not Ray's checkpoint (ray.train.get_checkpoint()) as it stands: the newest intact one
+        # in the run folder, by the rule the driver planned with (raygpt.train.resume).
+        storage = Storage.from_config(spec.storage)
+        with tempfile.TemporaryDirectory(prefix="raygpt-resume-") as tmp:
+            choice, local = fetch_resume_checkpoint(join(spec.storage_path, spec.name), storage, rank, world_size,
+                                                    tmp)
+            return set_up_worker(spec, plan, rank, world_size, device, local, choice.name, resume=choice)
 
     w, error = agreed_setup(build, world_size)
     if w is None:
@@ -103,6 +106,11 @@ def run_loop(w: Worker, attempt_started: float) -> None:
                            node=ray.get_runtime_context().get_node_id(), precision=w.precision.name,
                            world_size=w.world_size, attempt_started=attempt_started, first_step_at=first_step_at,
                            setup_s=w.setup_s, compile=w.spec.train.compile)
+            if w.resume is not None:
+                handed = ray.train.get_checkpoint()
+                metrics.update(resumed_from_checkpoint=w.resume.name, checkpoint_checked=w.resume.checked,
+                               skipped_checkpoints=[list(s) for s in w.resume.skipped],
+                               ray_checkpoint=os.path.basename(handed.path) if handed is not None else None)
             first_report = False
         stall = report(w, metrics, save=reason is not None, durable=reason == "preemption")
         if stall is not None:
@@ -140,13 +148,15 @@ def report(w: Worker, metrics: dict[str, Any], save: bool, durable: bool = False
         if mode is CheckpointUploadMode.SYNC:  # ASYNC deletes the local folder once uploaded
             shutil.rmtree(local, ignore_errors=True)
 
+    if "loss" in metrics:
+        w.state.note_metrics(metrics)
     if not save:
         w.reports.add(metrics)
         w.reports.release(send, wait=w.state.step == w.plan.stop_step)
         return None
     started = time.perf_counter()
     w.reports.release(send, wait=True)
-    name = checkpoint_dir_name(w.state.step)
+    name = checkpoint_dir_name(w.state.step, taken=w.taken_checkpoint_names())
     local = tempfile.mkdtemp(prefix=f"raygpt-{name}-")
     start_checkpoint(w, local)
     w.reports.add(metrics, (local, name))

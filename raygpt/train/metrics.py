@@ -209,6 +209,37 @@ def step_batches(records: list[dict[str, Any]]) -> dict[int, int]:
     return {int(step): d for r in records for step, d in r.get("step_batches", {}).items()}
 
 
+def recover_records(records: list[dict[str, Any]], state: dict[str, Any],
+                    checkpoint: str) -> tuple[list[dict[str, Any]], list[int], list[int]]:
+    """``records`` (a run's ``metrics.jsonl``) completed up to the step of a checkpoint's
+    trainer ``state`` from the records it carries (``recent_metrics``): a driver lost before
+    it wrote them leaves them only there. Returns the records, the steps restored, and the
+    steps lost (in neither; a checkpoint of raygpt before 0.4 carries no records)."""
+    step = int(state["step"])
+    logged = records[-1]["step"] if records else 0
+    if logged >= step:
+        return records, [], []
+    carried = [dict(r) for r in state.get("recent_metrics") or [] if logged < r["step"] <= step]
+    for record in carried:
+        if record["step"] == step:
+            record["checkpoint"] = checkpoint
+    records = [*records, *carried]
+    restored = sorted(int(k) for r in carried for k in r.get("step_losses", {}) if logged < int(k) <= step)
+    have = set(step_losses(records))
+    return records, restored, [k for k in range(logged + 1, step + 1) if k not in have]
+
+
+def describe_steps(steps: list[int]) -> str:
+    """``[3, 4, 5, 9]`` -> ``3-5, 9``."""
+    spans: list[list[int]] = []
+    for step in sorted(steps):
+        if spans and step == spans[-1][1] + 1:
+            spans[-1][1] = step
+        else:
+            spans.append([step, step])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans)
+
+
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Final metrics from a run's records: last step, tokens, loss, val loss, mean throughput."""
     if not records:

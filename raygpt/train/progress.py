@@ -19,8 +19,10 @@ class ProgressView:
     report otherwise (CI, Ray job logs). A sink of the metrics stream, fed through a Ray queue."""
 
     def __init__(self, plan: TrainPlan, start_step: int, queue, console=None,
-                 attempts: list[dict[str, Any]] | None = None):
+                 attempts: list[dict[str, Any]] | None = None, skipped_checkpoints: list[str] | None = None):
         self.plan, self.queue = plan, queue
+        self.announced_skips = set(skipped_checkpoints or [])
+        """Damaged checkpoints already named (by the driver's resume check), not to repeat."""
         self.console = console or Console(stderr=False)
         self.records: list[dict[str, Any]] = []
         self.failures: list[dict[str, Any]] = []
@@ -80,6 +82,13 @@ class ProgressView:
             self._print(f"[yellow]worker {record['rank']} failed ({record['error']}); Ray Train restarts the "
                         "workers from the last checkpoint[/]")
             return
+        fresh_skips = [(n, p) for n, p in record.get("skipped_checkpoints") or [] if n not in self.announced_skips]
+        for name, problem in fresh_skips:
+            self._print(f"[yellow]the workers skipped checkpoint {name}: {escape(problem)}[/]")
+            self.announced_skips.add(name)
+        if record.get("ray_checkpoint") and record.get("resumed_from_checkpoint") != record["ray_checkpoint"]:
+            self._print(f"the workers resumed from {record.get('resumed_from_checkpoint') or 'scratch'}, the newest "
+                        f"intact checkpoint, not {record['ray_checkpoint']} from Ray Train's listing")
         if "resumed_from_step" in record and record["resumed_from_step"] > 0:
             self._print(f"resumed from step {record['resumed_from_step']} on {record.get('world_size')} worker(s)"
                         + (f" ({describe_attempts(self.attempts)})" if len(self.attempts) > 1 else ""))

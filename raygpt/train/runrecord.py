@@ -98,6 +98,14 @@ class RunRecord:
     def write(self) -> None:
         self.storage.write_json(self.uri, self.record)
 
+    def complete(self, status: str, final: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        """Finish the record a previous session left unfinished (its driver lost after the last
+        checkpoint): that session's record, with its status and final metrics, rewritten."""
+        self.record = {**(self.earlier or self.record)}
+        self.record.pop("error", None)
+        self.finish(status, final=final, **extra)
+        return self.record
+
     def finish(self, status: str, final: dict[str, Any] | None = None, error: str | None = None, **extra: Any) -> None:
         self.record.update(status=status, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                            final=final, **extra)

@@ -37,7 +37,13 @@ from raygpt.train.metrics import peak_flops
 from raygpt.train.parallel import ParallelStrategy, get_strategy
 from raygpt.train.plan import TrainPlan
 from raygpt.train.schedule import Schedule, build_schedule
-from raygpt.weights.checkpoint import CheckpointWriter, load_training_checkpoint, snapshot_training_state
+from raygpt.weights.checkpoint import (
+    CheckpointWriter,
+    FileRecord,
+    ResumeChoice,
+    load_training_checkpoint,
+    snapshot_training_state,
+)
 
 
 class DeviceBatches:
@@ -129,6 +135,13 @@ class Worker:
     setup_s: float
     """Seconds ``set_up_worker`` took: model, data, checkpoint load, wrapping (compilation
     itself happens in the first steps)."""
+    resume: ResumeChoice | None = None
+    """Which checkpoint the worker resumed from and which newer ones it passed over, when it
+    chose (``raygpt.train.resume``)."""
+
+    def taken_checkpoint_names(self) -> list[str]:
+        """Checkpoint folders the run held when this worker started: a save must not reuse one."""
+        return [name for name, _ in self.resume.skipped] if self.resume else []
 
     def close(self) -> None:
         """Let a checkpoint being written finish, then stop the background threads."""
@@ -139,9 +152,12 @@ class Worker:
 
 
 def set_up_worker(spec: RunSpec, plan: TrainPlan, rank: int, world_size: int, device: torch.device,
-                  checkpoint_dir: str | Path | None = None, checkpoint_name: str | None = None) -> Worker:
+                  checkpoint_dir: str | Path | None = None, checkpoint_name: str | None = None,
+                  resume: ResumeChoice | None = None) -> Worker:
     """Build every component, then restore them from ``checkpoint_dir`` (a local checkpoint
-    folder, ``checkpoint_name`` for messages) when there is one."""
+    folder, ``checkpoint_name`` for messages) when there is one. ``resume``: how that folder
+    was chosen, and checked already (``raygpt.train.resume``); without it the folder is
+    checked here."""
     started = time.perf_counter()
     t = spec.train
     if device.type == "cuda":
@@ -163,7 +179,8 @@ def set_up_worker(spec: RunSpec, plan: TrainPlan, rank: int, world_size: int, de
         if checkpoint_dir is not None:
             found_rng = load_training_checkpoint(
                 checkpoint_dir, rank, model=model, optimizer=optimizer, trainer=state, rng=rng,
-                expected=f"model.preset {spec.model.preset!r}", where=checkpoint_name or str(checkpoint_dir))
+                expected=f"model.preset {spec.model.preset!r}", where=checkpoint_name or str(checkpoint_dir),
+                verified=resume is not None)
             if not found_rng:  # resumed on more workers than saved: derive this rank's generators
                 seed_everything(t.seed + 1 + rank + 1_000_003 * state.step)
         strategy = get_strategy(t.parallel)
@@ -184,7 +201,7 @@ def set_up_worker(spec: RunSpec, plan: TrainPlan, rank: int, world_size: int, de
                   schedule=schedule, batches=batches, state=state, rng=rng, device_batches=device_batches,
                   writer=writer, reports=Reports(writer, world_size, device), resumed_from_step=state.step,
                   flops_per_token=model.flops_per_token(plan.seq_len), peak_flops=peak_flops(device, precision.name),
-                  setup_s=time.perf_counter() - started)
+                  setup_s=time.perf_counter() - started, resume=resume)
 
 
 def agreed_setup(build, world_size: int) -> tuple[Worker | None, str | None]:
@@ -271,8 +288,15 @@ def start_checkpoint(w: Worker, directory: str | Path) -> None:
     for the previous save, whose host buffers the copy reuses."""
     w.writer.wait()
     full_states = w.strategy.full_state_dicts(w.model, w.optimizer, w.rank)
-    w.writer.start(snapshot_training_state(w.rank, model=w.model, optimizer=w.optimizer, trainer=w.state,
-                                           rng=w.rng, host=w.writer.host, full_states=full_states), directory)
+    snapshot = snapshot_training_state(w.rank, model=w.model, optimizer=w.optimizer, trainer=w.state, rng=w.rng,
+                                       host=w.writer.host, full_states=full_states)
+    w.state.checkpointed()
+    if w.world_size > 1:
+        # Rank 0's trainer_state.json records every rank's RNG file (a few KB each, digested already).
+        records: list[FileRecord | None] = [None] * w.world_size
+        dist.all_gather_object(records, snapshot.rng_record)
+        snapshot.peer_files = {r.name: r for r in records[1:] if r is not None}
+    w.writer.start(snapshot, directory)
 
 
 def save_checkpoint(w: Worker, directory: str | Path) -> None:
