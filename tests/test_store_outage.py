@@ -16,7 +16,7 @@ from raygpt.storage import Storage, join
 from raygpt.train.launch import train
 from raygpt.train.metrics import read_metrics, step_losses
 from two_workers import two_worker_overrides
-from raygpt.weights.checkpoint import CHECKPOINT_NAME, _is_complete
+from raygpt.weights.checkpoint import CHECKPOINT_NAME, stored_checkpoint_problem
 from raygpt.weights.refs import load_model
 
 STEPS = 32  # of the reference run's 80: the same schedule, stopped early
@@ -87,7 +87,7 @@ def test_a_store_outage_mid_run_loses_nothing(ray_local, tiny_dataset, two_worke
     names = [n for n in store.list(run) if CHECKPOINT_NAME.match(n)]
     assert names and names[-1] == f"checkpoint_{STEPS:08d}"
     for name in names:
-        assert _is_complete(join(run, name), store), f"{name} is incomplete"
+        assert stored_checkpoint_problem(join(run, name), store) is None  # complete, every file's SHA-256 right
     model, info = load_model(join(run, names[-1]), spec, store)
     assert info["step"] == STEPS
     assert not store.exists(join(run, "lease.json"))
