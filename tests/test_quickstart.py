@@ -61,7 +61,7 @@ def test_quickstart_offline_end_to_end(tmp_path):
     assert "unigram entropy of the training split:" in output and "samples at step 6:" in output
 
     summary = json.loads((tmp_path / "work" / "summary.json").read_text())
-    batch = quickstart_spec("b", "stdlib", []).train.global_batch_tokens
+    batch = quickstart_spec("bkt", "stdlib", []).train.global_batch_tokens
     assert summary["source"] == "stdlib" and summary["steps"] == 12 and summary["tokens"] == 12 * batch
     assert summary["params"] == 3_243_776
     assert 4 < summary["unigram_entropy"] < math.log(50257)
