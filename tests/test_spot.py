@@ -42,6 +42,9 @@ def cluster(s3_server, monkeypatch):
         monkeypatch.setenv(key, value)
     # Ray turns a 127.0.0.1 address into the machine's own address unless clusters are local-only.
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # Ray Train looks for draining nodes every 5 s: most of a 6 s notice. Spot notices give
+    # 30 s to 2 min; the test's short ones need a quicker look.
+    monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "0.5")
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 0, "node_ip_address": LOOPBACK})
     for _ in range(2):
         add_node(cluster)
