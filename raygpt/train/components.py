@@ -32,7 +32,8 @@ class TrainerState:
     It also carries the metrics records reported since the previous checkpoint
     (``recent_metrics``): a driver lost before it wrote them to ``metrics.jsonl`` (killed
     during the final upload, say) leaves them in the checkpoint, where the next session finds
-    them. They are not restored into a resumed worker: the next checkpoint holds its own."""
+    them; a resumed worker hands them to the driver in its first report (``carried_metrics``),
+for a checkpoint whose own report never reached it, and starts its own list."""
 
     def __init__(self, schedule: Schedule, scaler: torch.amp.GradScaler, seed: int, spec: RunSpec,
                  world_size: int, manifest_sha256: str | None = None):
@@ -41,6 +42,8 @@ class TrainerState:
         self.schedule, self.scaler, self.seed, self.spec, self.world_size = schedule, scaler, seed, spec, world_size
         self.manifest_sha256 = manifest_sha256
         self.recent_metrics: list[dict[str, Any]] = []
+        self.carried_metrics: list[dict[str, Any]] = []
+        """The records the checkpoint this state was loaded from carried (for the driver)."""
 
     def note_metrics(self, record: dict[str, Any]) -> None:
         """A metrics record this worker reports (JSON-safe), for the next checkpoint to carry."""
@@ -64,6 +67,7 @@ class TrainerState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.carried_metrics = list(state.get("recent_metrics") or [])
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
 

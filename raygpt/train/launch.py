@@ -46,7 +46,7 @@ from raygpt.errors import RaygptError
 from raygpt.model import GPT, config_from_spec
 from raygpt.stages import METRICS_FILE, RUN_RECORD_FILE
 from raygpt.storage import Storage, join
-from raygpt.train.attempts import AttemptLog, describe_attempts
+from raygpt.train.attempts import AttemptLog, describe_attempts, failure_kind
 from raygpt.train.lease import RunLease
 from raygpt.train.loop import train_loop_per_worker
 from raygpt.train.metrics import MetricsStream, describe_steps, read_metrics, recover_records, summarize
@@ -183,7 +183,10 @@ class MetricsCallback(UserCallback):
         self.stream.add(report, checkpoint=os.path.basename(checkpoint.path) if checkpoint is not None else None)
 
     def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
-        rank, error = next(iter(sorted(worker_exceptions.items())))
+        # A node that goes takes its workers along, and their peers' collectives fail too: the
+        # most telling of the errors says why the attempt ended.
+        order = ("node lost", "worker lost", "worker error")
+        rank, error = min(sorted(worker_exceptions.items()), key=lambda item: order.index(failure_kind(item[1])))
         self.stream.failed(error, rank)
 
 

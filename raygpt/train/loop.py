@@ -105,7 +105,8 @@ def run_loop(w: Worker, attempt_started: float) -> None:
             metrics.update(resumed_from_step=w.resumed_from_step, device=device_name(w.device),
                            node=ray.get_runtime_context().get_node_id(), precision=w.precision.name,
                            world_size=w.world_size, attempt_started=attempt_started, first_step_at=first_step_at,
-                           setup_s=w.setup_s, compile=w.spec.train.compile)
+                           setup_s=w.setup_s, compile=w.spec.train.compile,
+                           carried_records=w.state.carried_metrics)
             if w.resume is not None:
                 handed = ray.train.get_checkpoint()
                 metrics.update(resumed_from_checkpoint=w.resume.name, checkpoint_checked=w.resume.checked,

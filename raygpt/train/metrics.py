@@ -138,8 +138,12 @@ class MetricsStream:
 
     def add(self, report: dict[str, Any], checkpoint: str | None = None) -> dict[str, Any]:
         """Take one report; returns the step's merged record."""
+        carried = report.pop("carried_records", None)
         if "resumed_from_step" in report:
             self.records = [r for r in self.records if r["step"] <= report["resumed_from_step"]]
+            if carried:  # the checkpoint's own report may never have arrived (its node went first)
+                self.records, _, _ = recover_records(self.records, {"step": report["resumed_from_step"],
+                                                                    "recent_metrics": carried}, None)
             self.attempts.begin(report)
             self.event({"event": "attempts", "attempts": self.attempts.attempts})
         self.attempts.report(report)
@@ -210,7 +214,7 @@ def step_batches(records: list[dict[str, Any]]) -> dict[int, int]:
 
 
 def recover_records(records: list[dict[str, Any]], state: dict[str, Any],
-                    checkpoint: str) -> tuple[list[dict[str, Any]], list[int], list[int]]:
+                    checkpoint: str | None) -> tuple[list[dict[str, Any]], list[int], list[int]]:
     """``records`` (a run's ``metrics.jsonl``) completed up to the step of a checkpoint's
     trainer ``state`` from the records it carries (``recent_metrics``): a driver lost before
     it wrote them leaves them only there. Returns the records, the steps restored, and the
@@ -221,7 +225,7 @@ def recover_records(records: list[dict[str, Any]], state: dict[str, Any],
         return records, [], []
     carried = [dict(r) for r in state.get("recent_metrics") or [] if logged < r["step"] <= step]
     for record in carried:
-        if record["step"] == step:
+        if record["step"] == step and checkpoint is not None:
             record["checkpoint"] = checkpoint
     records = [*records, *carried]
     restored = sorted(int(k) for r in carried for k in r.get("step_losses", {}) if logged < int(k) <= step)
