@@ -47,6 +47,8 @@ for a checkpoint whose own report never reached it, and starts its own list."""
 
     def note_metrics(self, record: dict[str, Any]) -> None:
         """A metrics record this worker reports (JSON-safe), for the next checkpoint to carry."""
+        # Not the records a resumed worker hands on: a checkpoint's list must not nest the last one's.
+        record = {k: v for k, v in record.items() if k != "carried_records"}
         self.recent_metrics = [*self.recent_metrics[-(RECENT_METRICS_KEPT - 1):], record]
 
     def checkpointed(self) -> None:

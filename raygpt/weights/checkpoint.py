@@ -424,7 +424,7 @@ def checkpoint_problem(directory: str | Path) -> str | None:
         path = directory / name
         return path.stat().st_size if path.is_file() else None
 
-    return files_problem(state, size_of, lambda name: _sha256_file(directory / name))
+    return files_problem(state, size_of, lambda name: Storage().sha256(str(directory / name)))
 
 
 def stored_checkpoint_problem(uri: str, storage: Storage, hashes: bool = True) -> str | None:
@@ -439,14 +439,6 @@ def stored_checkpoint_problem(uri: str, storage: Storage, hashes: bool = True) -
     except RaygptError:
         return f"{TRAINER_STATE_FILE} is not valid JSON"
     return files_problem(state, sizes.get, (lambda name: storage.sha256(join(uri, name))) if hashes else None)
-
-
-def _sha256_file(path: Path, chunk_bytes: int = 8 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass
