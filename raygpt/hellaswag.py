@@ -16,14 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import http.client
 import json
-import os
-import shutil
-import tempfile
-import urllib.error
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -32,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from raygpt.errors import RaygptError
-from raygpt.storage import Storage
+from raygpt.storage import Storage, without_userinfo
+from raygpt.storage.download import DOWNLOAD_TIMEOUT_S, default_cache_dir, is_url, read_input
 from raygpt.tokenizer import VOCAB_SIZE, encode
 
 HELLASWAG_VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -40,8 +34,6 @@ HELLASWAG_VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/d
 HELLASWAG_VAL_ITEMS = 10_042
 """Items in ``HELLASWAG_VAL_URL``'s file."""
 NUM_ENDINGS = 4
-DOWNLOAD_TIMEOUT_S = 15.0
-"""Seconds to wait for the server to connect or send the next bytes."""
 
 
 @dataclass(frozen=True)
@@ -60,33 +52,23 @@ class Item:
     """The ActivityNet or WikiHow category, when the file has one."""
 
 
-def default_cache_dir() -> Path:
-    """Where downloaded files are kept: ``$RAYGPT_CACHE_DIR/hellaswag``, else ``~/.cache/raygpt/hellaswag``."""
-    root = os.environ.get("RAYGPT_CACHE_DIR")
-    return (Path(root) if root else Path.home() / ".cache" / "raygpt") / "hellaswag"
-
-
-def _is_url(source: str) -> bool:
-    return source.startswith(("http://", "https://"))
-
-
 def load_items(source: str, cache_dir: str | Path | None = None, storage: Storage | None = None,
                timeout_s: float = DOWNLOAD_TIMEOUT_S) -> tuple[list[Item], str]:
     """The items of a HellaSwag JSON-lines file, and the file's sha256.
 
     ``source``: an http(s) URL, downloaded on first use into ``cache_dir`` (default
-    ``default_cache_dir()``) and read from there afterwards without a request; or a local path
-    or ``s3://`` URI, read through ``storage``. Each line holds ``ctx``, ``endings`` (4) and
-    ``label``; ``ind`` and ``activity_label`` are kept when present. Any problem is one
+    ``$RAYGPT_CACHE_DIR/hellaswag``) and read from there afterwards without a request; or a
+    local path or ``s3://`` URI, read through ``storage``. Each line holds ``ctx``, ``endings``
+    (4) and ``label``; ``ind`` and ``activity_label`` are kept when present. Any problem is one
     ``RaygptError`` naming the file and the line.
     """
-    if _is_url(source):
-        path = cached_download(source, cache_dir, timeout_s)
-        data, name = path.read_bytes(), str(path)
-        # A server can answer 200 with something else (a proxy's login page): say how to retry.
-        hint = f" (downloaded from {source}; delete the file to download it again)"
-    else:
-        data, name, hint = (storage or Storage()).read_bytes(source), source, ""
+    cache = Path(cache_dir) if cache_dir else default_cache_dir("hellaswag")
+    data, name = read_input(source, storage or Storage(), cache, "HellaSwag", "without network access, download the "
+                            "file elsewhere and pass its local path (or an s3:// URI) as the HellaSwag source instead",
+                            timeout_s)
+    # A server can answer 200 with something else (a proxy's login page): say how to retry.
+    hint = (f" (downloaded from {without_userinfo(source)}; delete the file to download it again)"
+            if is_url(source) else "")
     try:
         items = parse_items(data, name)
         if source == HELLASWAG_VAL_URL and len(items) != HELLASWAG_VAL_ITEMS:
@@ -95,46 +77,6 @@ def load_items(source: str, cache_dir: str | Path | None = None, storage: Storag
     except RaygptError as e:
         raise RaygptError(f"{e}{hint}") from None
     return items, hashlib.sha256(data).hexdigest()
-
-
-def cached_download(url: str, cache_dir: str | Path | None = None, timeout_s: float = DOWNLOAD_TIMEOUT_S) -> Path:
-    """The local copy of ``url`` in ``cache_dir``: downloaded when absent, else reused as it is."""
-    directory = Path(cache_dir) if cache_dir else default_cache_dir()
-    file_name = Path(urllib.parse.urlsplit(url).path).name or "hellaswag.jsonl"
-    # The URL's hash in the name: two sources whose files share a name never share a cache entry.
-    path = directory / f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{file_name}"
-    if path.is_file():
-        return path
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise RaygptError(f"{directory}: cannot write the HellaSwag cache ({e.strerror or e}); "
-                          "set RAYGPT_CACHE_DIR to a writable folder") from None
-    # Into a temporary file, then renamed: an interrupted download never leaves half a file, and
-    # tasks that download at once on one node each rename a complete copy.
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout_s) as response:
-            shutil.copyfileobj(response, f)
-        os.replace(tmp, path)
-    except (OSError, http.client.HTTPException) as e:  # URLError and socket timeouts are OSErrors
-        raise RaygptError(f"{url}: cannot download HellaSwag ({_download_failure(e, timeout_s)}); "
-                          "without network access, download the file elsewhere and pass its local path "
-                          "(or an s3:// URI) as the HellaSwag source instead") from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
-
-
-def _download_failure(error: BaseException, timeout_s: float) -> str:
-    if isinstance(error, urllib.error.HTTPError):
-        return f"HTTP {error.code} {error.reason}"
-    reason = error.reason if isinstance(error, urllib.error.URLError) else error
-    if isinstance(reason, TimeoutError):
-        return f"no answer within {timeout_s:g} s"
-    if isinstance(reason, OSError) and reason.strerror:
-        return reason.strerror
-    return str(reason) or type(reason).__name__
 
 
 def parse_items(data: bytes, name: str) -> list[Item]:

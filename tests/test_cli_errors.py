@@ -147,7 +147,32 @@ def corrupt(path: Path) -> None:
     tokens.tofile(path)
 
 
-def test_corrupt_shard_read_when_training_starts(ray_local, local_dataset, tmp_path, capsys):
+def test_a_corrupt_shard_the_run_never_reads_is_refused_before_ray_starts(local_dataset, tmp_path, capsys):
+    """A local dataset has every shard hashed before Ray starts: a shard that the run's steps
+    never read (here none of its 4) cannot let it finish on corrupt data, and one they read
+    cannot fail it minutes in."""
+    data, manifest = broken_copy(local_dataset, tmp_path)
+    spec = load_spec(write_spec(tmp_path, dataset=str(data)))
+    batches = TrainBatches(str(data), Storage(), 32, spec.train.seed, 32)
+    read = {int(s) for step in range(spec.train.max_steps) for s in batches.sequence_ids(step)[:, 0]}
+    unread = next(s for s in manifest["splits"]["train"]["shards"]
+                  if manifest["splits"]["train"]["shards"].index(s) not in read)["name"]
+    corrupt(data / unread)
+    code, output = train_cli(capsys, write_spec(tmp_path, dataset=str(data)))
+    assert_one_clear_error(code, output, f"{unread}: sha256 mismatch (corrupt shard)")
+    assert not (tmp_path / "runs" / "bad").exists()  # nothing written for the run
+
+
+@pytest.fixture
+def hashed_at_first_use(monkeypatch):
+    """The dataset taken for one beyond ``hashed_before_start`` (in S3, over 1 GiB): its shards
+    are hashed by the workers, each before its first use."""
+    import raygpt.data.manifest
+
+    monkeypatch.setattr(raygpt.data.manifest, "hashed_before_start", lambda dataset_uri, manifest: False)
+
+
+def test_corrupt_shard_read_when_training_starts(ray_local, local_dataset, hashed_at_first_use, tmp_path, capsys):
     """Found by the workers' first batch: they agree to stop, so Ray does not retry, and the
     message reaches the driver as it was raised."""
     data, manifest = broken_copy(local_dataset, tmp_path)
@@ -159,7 +184,7 @@ def test_corrupt_shard_read_when_training_starts(ray_local, local_dataset, tmp_p
     assert_one_clear_error(code, output, f"{first_shard}: sha256 mismatch (corrupt shard)")
 
 
-def test_corrupt_shard_read_mid_run(ray_local, local_dataset, tmp_path, capsys):
+def test_corrupt_shard_read_mid_run(ray_local, local_dataset, hashed_at_first_use, tmp_path, capsys):
     """Found at a later step: the worker's error, unwrapped from Ray Train's, is the message."""
     data, manifest = broken_copy(local_dataset, tmp_path)
     spec = load_spec(write_spec(tmp_path, dataset=str(data)))

@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 
 from raygpt.cli import main
-from raygpt.config import DataConfig, RunSpec
+from raygpt.config import DataConfig, RunSpec, load_spec
 from raygpt.data.batches import TrainBatches, count_eval_windows, eval_batches
 from raygpt.data.cache import ShardCache
 from raygpt.data.manifest import FORMAT, SPLITS, load_manifest, manifest_hash
@@ -116,7 +116,7 @@ def test_documents_in_source_order_separated_by_eot_and_held_out_by_content(corp
     assert len(heldout) > 50 and not any(doc in train_text for doc in heldout)
 
 
-def test_identical_output_for_any_number_of_processes(corpus, prepared, tmp_path):
+def test_identical_output_for_any_number_of_tokenizer_threads(corpus, prepared, tmp_path):
     out, manifest = prepared
     again = prepare(data_spec(corpus[0], tmp_path, num_proc=2), Storage())
     assert again == manifest
@@ -134,8 +134,8 @@ def test_test_split_does_not_depend_on_the_train_budget(corpus, prepared, tmp_pa
 
 def test_source_exhausted_and_chinchilla_budget(corpus, tmp_path):
     assert chinchilla_tokens("gpt2-small") == 3_260_190_720  # 20 x 163,009,536 (untied, no qkv bias)
-    with pytest.raises(RaygptError, match="data.chinchilla: unknown preset 'gpt3'"):
-        chinchilla_tokens("gpt3")
+    with pytest.raises(RaygptError, match="data.chinchilla: expected one of 'gpt2-small', .*got 'gpt3'"):
+        load_spec(None, ["data.chinchilla=gpt3"])  # the spec names presets, so prepare never sees another
     manifest = prepare(data_spec(corpus[0], tmp_path, tokens=None, chinchilla="tiny"), Storage())
     assert manifest["budget"]["train_tokens"] == 20 * 3_243_776
     assert manifest["source_exhausted"] and manifest["splits"]["train"]["tokens"] < 20 * 3_243_776
@@ -411,6 +411,37 @@ def test_prepare_to_s3_and_train_from_it(s3_env, corpus, prepared, tmp_path):
     Storage().write_bytes(f"{uri}/test_000000.bin", b"\x01\x00" * manifest["splits"]["test"]["shards"][0]["tokens"])
     with pytest.raises(RaygptError, match=r"s3://raygpt-test/data-\w+/test_000000.bin: sha256 mismatch \(corrupt shard\)"):
         ShardCache(uri, Storage(), cache_dir=tmp_path / "fresh").tokens("test", 0)
+
+
+@pytest.mark.integration
+def test_shards_are_hashed_before_training_starts_when_local_or_small(s3_env, random_dataset, monkeypatch, tmp_path):
+    """The rule: a local dataset, or one in S3 of at most HASH_BEFORE_START_BYTES, is hashed
+    whole by ``check_dataset`` (before Ray starts); a larger one in S3 shard by shard before
+    each shard's first use."""
+    import raygpt.data.manifest as dataset
+
+    local, _ = random_dataset
+    remote = f"s3://raygpt-test/hashed-{os.urandom(4).hex()}"
+    Storage().upload(local, remote)
+    for uri in (local, remote):
+        assert dataset.hashed_before_start(uri, load_manifest(uri, Storage()))
+        dataset.check_dataset(uri, Storage())
+    shard = Path(local) / "train_000001.bin"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x5A  # the same size: only the digest can tell
+    shard.write_bytes(bytes(data))
+    Storage().write_bytes(f"{remote}/train_000001.bin", bytes(data))
+    for uri in (local, remote):
+        with pytest.raises(RaygptError, match=rf"^{uri}/train_000001.bin: sha256 mismatch \(corrupt shard\)"):
+            dataset.check_dataset(uri, Storage())
+
+    monkeypatch.setattr(dataset, "HASH_BEFORE_START_BYTES", 0)  # the remote copy is now "large"
+    assert not dataset.hashed_before_start(remote, load_manifest(remote, Storage()))
+    dataset.check_dataset(remote, Storage())  # sizes only
+    with pytest.raises(RaygptError, match=r"train_000001.bin: sha256 mismatch \(corrupt shard\)"):
+        ShardCache(remote, Storage(), cache_dir=tmp_path / "cache").tokens("train", 1)  # at its first use
+    with pytest.raises(RaygptError, match=r"train_000001.bin: sha256 mismatch"):
+        dataset.check_dataset(local, Storage())  # a local one, whatever its size
 
 
 @pytest.mark.integration

@@ -19,6 +19,7 @@ import torch
 from raygpt import hellaswag
 from raygpt.errors import RaygptError
 from raygpt.hellaswag import Item, load_items, render_item, score_items
+from raygpt.storage.download import default_cache_dir
 from raygpt.model import GPT, GPTConfig
 from raygpt.tokenizer import VOCAB_SIZE, encode
 
@@ -216,7 +217,7 @@ def test_an_s3_uri_is_read_through_the_storage_seam():
     reads = []
 
     class FakeStorage:
-        def read_bytes(self, uri):
+        def read_bytes(self, uri, max_bytes=None):
             reads.append(uri)
             return data
 
@@ -253,12 +254,14 @@ class CountingServer:
     """A loopback HTTP server with one file; counts the requests it answers."""
 
     def __init__(self, files: dict[str, bytes]):
-        self.files, self.requests = files, 0
+        self.files, self.requests, self.authorizations = files, 0, []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
                 server.requests += 1
+                if self.headers.get("Authorization"):
+                    server.authorizations.append(self.headers["Authorization"])
                 body = server.files.get(self.path)
                 self.send_response(200 if body is not None else 404)
                 self.send_header("Content-Length", str(len(body or b"")))
@@ -304,7 +307,7 @@ def test_a_url_is_downloaded_once_then_read_from_the_cache(server, tmp_path):
 @pytest.mark.integration
 def test_the_default_cache_is_under_raygpt_cache_dir(server, tmp_path, monkeypatch):
     monkeypatch.setenv("RAYGPT_CACHE_DIR", str(tmp_path))
-    assert hellaswag.default_cache_dir() == tmp_path / "hellaswag"
+    assert default_cache_dir("hellaswag") == tmp_path / "hellaswag"
     load_items(f"{server.url}/data/hellaswag_val.jsonl")
     assert [p.name.endswith("-hellaswag_val.jsonl") for p in (tmp_path / "hellaswag").iterdir()] == [True]
 
@@ -338,3 +341,14 @@ def test_an_unreachable_url_fails_fast_with_one_message(tmp_path):
     message = str(error.value)
     assert message.startswith(f"{url}: cannot download") and "local path" in message and "\n" not in message
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.integration
+def test_a_url_password_is_sent_as_basic_auth_and_shown_nowhere(server, tmp_path):
+    url = f"{server.url}/data/hellaswag_val.jsonl".replace("http://", "http://user:pw-Qe7@")
+    items, _ = load_items(url, cache_dir=tmp_path / "cache")
+    assert len(items) == len(SAMPLE) and server.authorizations == ["Basic dXNlcjpwdy1RZTc="]  # user:pw-Qe7
+    assert all("pw-Qe7" not in p.name for p in (tmp_path / "cache").iterdir())
+    with pytest.raises(RaygptError) as error:
+        load_items(url.replace("hellaswag_val", "missing"), cache_dir=tmp_path / "cache")
+    assert "HTTP 404" in str(error.value) and "pw-Qe7" not in str(error.value)

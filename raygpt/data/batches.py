@@ -22,7 +22,7 @@ from raygpt.data.manifest import SPLITS
 from raygpt.errors import RaygptError
 from raygpt.storage import Storage
 
-if TYPE_CHECKING:  # torch is imported where tensors are made, so tokenizer processes stay light
+if TYPE_CHECKING:  # torch is imported where tensors are made, so data preparation never loads it
     import torch
 
 
@@ -60,7 +60,7 @@ class TrainBatches:
         self.cache = ShardCache(dataset_uri, storage, cache_dir, max_cached_shards)
         self.seq_len, self.seed, self.global_batch_size = seq_len, seed, global_batch_size
         shards = self.cache.shards("train")
-        self.shard_sequences = np.array([max(0, (s["tokens"] - 1) // seq_len) for s in shards], dtype=np.int64)
+        self.shard_sequences = shard_sequences(shards, seq_len)
         self.sequences_per_epoch = int(self.shard_sequences.sum())
         self.steps_per_epoch = self.sequences_per_epoch // global_batch_size
         if self.steps_per_epoch == 0:
@@ -188,6 +188,12 @@ class TrainBatches:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def shard_sequences(shards: list[dict], seq_len: int) -> np.ndarray:
+    """Training sequences (``seq_len`` + 1 tokens each) in each shard of a manifest's split:
+    what ``TrainBatches`` draws from, counted the same way by the driver before Ray starts."""
+    return np.array([max(0, (s["tokens"] - 1) // seq_len) for s in shards], dtype=np.int64)
 
 
 def count_eval_windows(manifest: dict, split: str, seq_len: int, max_tokens: int | None = None,

@@ -4,24 +4,28 @@ A prepared dataset is a folder (local or ``s3://``) of ``{split}_{index:06d}.bin
 little-endian uint16 GPT-2 tokens, each document followed by ``<|endoftext|>``, plus
 ``manifest.json`` (token counts and sha256 per shard, tokenizer, source, split rule, budget),
 written LAST: a folder without a manifest is an unfinished dataset.
+
+When a shard's bytes are checked against its digest: ``check_dataset``, before a training
+run starts, checks every shard's size, and hashes every shard of a local dataset (read in
+place: one read of the disk, in parallel) or of one in S3 that holds at most
+``HASH_BEFORE_START_BYTES`` (a download of seconds); a larger dataset in S3 has each shard
+hashed before its first use, on each node that downloads it (``raygpt.data.cache``). Either
+way a corrupt shard stops the run with one message naming it, never a step trained on it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from raygpt.errors import RaygptError
-from raygpt.storage import Storage, join
-
-if TYPE_CHECKING:  # torch is imported where tensors are made, so tokenizer processes stay light
-
-    pass
-
+from raygpt.storage import Storage, is_remote, join
 
 FORMAT = "raygpt-shards/1"
 
@@ -92,7 +96,47 @@ def sha256_file(path: Path) -> str:
 
 
 def check_shard(uri: str, path: Path, shard: dict) -> None:
-    digest = sha256_file(path)
+    check_shard_digest(uri, sha256_file(path), shard)
+
+
+def check_shard_digest(uri: str, digest: str, shard: dict) -> None:
     if digest != shard["sha256"]:
         raise RaygptError(f"{uri}: sha256 mismatch (corrupt shard): expected {shard['sha256'][:16]}..., "
                           f"got {digest[:16]}...; re-run `raygpt data prepare` to rewrite it")
+
+
+HASH_BEFORE_START_BYTES = 1 << 30
+"""A dataset in S3 of at most this many bytes of shards is hashed whole before training
+starts; a local one always is."""
+
+
+def hashed_before_start(dataset_uri: str, manifest: dict) -> bool:
+    """Whether ``check_dataset`` hashes every shard (else the workers hash each before its first use)."""
+    shard_bytes = sum(split["tokens"] for split in manifest["splits"].values()) * DTYPE.itemsize
+    return not is_remote(dataset_uri) or shard_bytes <= HASH_BEFORE_START_BYTES
+
+
+def check_dataset(dataset_uri: str, storage: Storage) -> dict:
+    """The dataset's manifest, after checking that every shard is there with its recorded size
+    and, when ``hashed_before_start``, its recorded SHA-256 (several shards at a time)."""
+    manifest = load_manifest(dataset_uri, storage)
+    shards = [shard for split in SPLITS for shard in manifest["splits"][split]["shards"]]
+    for shard in shards:
+        uri = join(dataset_uri, shard["name"])
+        size = storage.stored_size(uri)
+        if size is None:
+            raise RaygptError(f"{uri}: shard missing (listed in {join(dataset_uri, MANIFEST)}); prepare the dataset "
+                              "again")
+        if size != shard["tokens"] * DTYPE.itemsize:
+            raise RaygptError(f"{uri}: {size} bytes, but the manifest lists {shard['tokens']} tokens "
+                              f"({shard['tokens'] * DTYPE.itemsize} bytes): corrupt shard; prepare the dataset again")
+    if hashed_before_start(dataset_uri, manifest):
+        uris = [join(dataset_uri, shard["name"]) for shard in shards]
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="raygpt-shard-hash") as pool:
+            try:
+                for uri, shard, digest in zip(uris, shards, pool.map(storage.sha256, uris)):
+                    check_shard_digest(uri, digest, shard)
+            except BaseException:
+                pool.shutdown(cancel_futures=True)
+                raise
+    return manifest

@@ -11,21 +11,19 @@ Prepare stops when train holds its budget (``data.tokens``, or 20 tokens per par
 ``data.chinchilla`` preset) and val and test are full, or when the source ends. Once train is
 full, documents are only hashed, not tokenized, until the held-out splits fill; with FineWeb
 and the defaults (1% held out, 10M test tokens) that takes ~2B tokens' worth of streamed text,
-whatever the training budget. Tokenizer processes feed the output in order, so the bytes do
-not depend on the process count; a re-run skips shards already stored with the same sha256.
+whatever the training budget. Tokenizer threads feed the output in order, so the bytes do not
+depend on the thread count; a re-run skips shards already stored with the same sha256.
 """
 
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
 import os
 import re
 import threading
 import time
 from collections import Counter, deque
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +47,7 @@ from raygpt.errors import RaygptError
 from raygpt.storage import Storage, is_remote, join
 from raygpt.tokenizer import EOT_ID, VOCAB_SIZE
 
-if TYPE_CHECKING:  # torch is imported where tensors are made, so tokenizer processes stay light
+if TYPE_CHECKING:
     from rich.console import Console
 
     from raygpt.config import RunSpec
@@ -75,8 +73,6 @@ def chinchilla_tokens(preset: str) -> int:
 
     from raygpt.model import GPT, PRESETS
 
-    if preset not in PRESETS:
-        raise RaygptError(f"data.chinchilla: unknown preset {preset!r} (known: {', '.join(PRESETS)})")
     with torch.device("meta"):  # counts parameters without allocating them
         return CHINCHILLA_TOKENS_PER_PARAM * GPT(PRESETS[preset]).num_params()
 
@@ -98,8 +94,8 @@ def _valid_utf8(text: str) -> str:
         return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
-# A chunk is big enough to amortize inter-process transfer, small enough that the pipeline
-# has several in flight per process.
+# A chunk is big enough to keep every tokenizer thread busy, small enough to hold in memory
+# twice (one being tokenized, one being read).
 CHUNK_DOCS = 256
 
 
@@ -112,13 +108,12 @@ class _Chunk:
     splits: list[str]
 
 
-def _tokenize_texts(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def _tokenize_texts(texts: list[str], num_threads: int) -> tuple[np.ndarray, np.ndarray]:
     """All documents' tokens, each followed by EOT, as one flat array plus per-document lengths."""
     from raygpt.tokenizer import get_tokenizer
 
     # encode_ordinary: '<|endoftext|>' written inside a document is text, not a separator.
-    encoding = get_tokenizer()
-    ids = [encoding.encode_ordinary(text) for text in texts]
+    ids = get_tokenizer().encode_ordinary_batch(texts, num_threads=num_threads)
     lengths = np.fromiter((len(doc) + 1 for doc in ids), dtype=np.int64, count=len(ids))
     flat = np.empty(int(lengths.sum()), dtype=DTYPE)
     end = 0
@@ -130,30 +125,25 @@ def _tokenize_texts(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return flat, lengths
 
 
-def _tokenized(chunks: Iterator[_Chunk], num_proc: int) -> Iterator[tuple[_Chunk, np.ndarray, np.ndarray]]:
-    """Tokenize chunks with ``num_proc`` processes; yields in input order, so the output bytes
-    do not depend on the number of processes."""
-    if num_proc <= 1:
-        for chunk in chunks:
-            yield chunk, *_tokenize_texts(chunk.texts)
-        return
-    # spawn, not fork: the parent may hold pyarrow/S3 threads that a forked child would inherit mid-lock.
-    pool = ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("spawn"))
-    in_flight: deque[tuple[_Chunk, Future]] = deque()
-    try:
-        for chunk in chunks:
-            in_flight.append((chunk, pool.submit(_tokenize_texts, chunk.texts)))
-            if len(in_flight) >= 2 * num_proc:
-                chunk, future = in_flight.popleft()
-                yield chunk, *future.result()
-        while in_flight:
-            chunk, future = in_flight.popleft()
-            yield chunk, *future.result()
-    except BrokenProcessPool:
-        raise RaygptError("a tokenizer process died (out of memory? its error, if any, is above); "
-                          "lower data.num_proc and re-run: finished shards are kept") from None
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+def _tokenized(chunks: Iterator[_Chunk], num_threads: int) -> Iterator[tuple[_Chunk, np.ndarray, np.ndarray]]:
+    """Tokenize chunks on ``num_threads`` threads (tiktoken encodes outside the GIL), one chunk
+    ahead of the caller, which reads and writes meanwhile; yields in input order, so the output
+    bytes do not depend on the number of threads."""
+    with ThreadPoolExecutor(1, thread_name_prefix="raygpt-tokenize") as ahead:
+        pending: tuple[_Chunk, Future] | None = None
+        try:
+            for chunk in chunks:
+                submitted = (chunk, ahead.submit(_tokenize_texts, chunk.texts, num_threads))
+                if pending is not None:
+                    done, pending = pending, None
+                    yield done[0], *done[1].result()
+                pending = submitted
+        except Exception:  # reading the source failed: what it gave before is written, so a re-run resumes after it
+            if pending is not None:
+                yield pending[0], *pending[1].result()
+            raise
+        if pending is not None:
+            yield pending[0], *pending[1].result()
 
 
 class _ShardStore:
@@ -293,13 +283,13 @@ def prepare(spec: RunSpec, storage: Storage, console: Console | None = None) -> 
     storage.check_access(data.output, write=True)
     train_budget = chinchilla_tokens(data.chinchilla) if data.chinchilla else data.tokens
     budgets = {"train": train_budget, "val": data.val_tokens, "test": data.test_tokens}
-    num_proc = data.num_proc or os.cpu_count() or 1
+    num_threads = data.num_proc or os.cpu_count() or 1
     if console is not None:
         console.print(f"[bold]source[/]: {data.source}: {source.description}")
         budget_text = f"{train_budget:,} train tokens" if train_budget is not None else "the whole source for training"
         console.print(f"[bold]budget[/]: {budget_text}"
                       + (f" (Chinchilla, 20 x params of {data.chinchilla})" if data.chinchilla else "")
-                      + f", {data.val_tokens:,} val, {data.test_tokens:,} test; {num_proc} tokenizer process(es)")
+                      + f", {data.val_tokens:,} val, {data.test_tokens:,} test; {num_threads} tokenizer thread(s)")
 
     store = _ShardStore(storage, data.output)
     writers = {split: _SplitWriter(split, data.shard_tokens, store) for split in SPLITS}
@@ -335,7 +325,7 @@ def prepare(spec: RunSpec, storage: Storage, console: Console | None = None) -> 
     exhausted = True
     try:
         total = sum(budgets.values()) if train_budget is not None else None
-        with _progress_bar(console, total) as advance, closing(_tokenized(chunks(), num_proc)) as tokenized:
+        with _progress_bar(console, total) as advance, closing(_tokenized(chunks(), num_threads)) as tokenized:
             for chunk, flat, lengths in tokenized:
                 taken = 0
                 for split, end, length in zip(chunk.splits, np.cumsum(lengths), lengths):

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 from raygpt.errors import RaygptError
 
-if TYPE_CHECKING:  # torch is imported where tensors are made, so tokenizer processes stay light
+if TYPE_CHECKING:  # torch is imported where tensors are made, so data preparation never loads it
 
     from raygpt.config import DataConfig
 
@@ -139,21 +139,28 @@ def _local_documents(files: list[Path], column: str, txt_documents: str) -> Iter
 
 
 def _jsonl_documents(path: Path, column: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
+            except UnicodeDecodeError as e:
+                raise RaygptError(f"{path}:{lineno}: not UTF-8 text (byte {line[e.start]:#04x})") from None
             except json.JSONDecodeError as e:
                 raise RaygptError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict) or column not in row:
                 raise RaygptError(f"{path}:{lineno}: no {column!r} key; set data.text_column")
-            if row[column] is not None:
-                yield row[column]
+            text = row[column]
+            if text is not None and not isinstance(text, str):
+                raise RaygptError(f"{path}:{lineno}: {column!r} is {type(text).__name__}, not text; "
+                                  "set data.text_column to the key that holds the document's text")
+            if text is not None:
+                yield text
 
 
 def _parquet_documents(path: Path, column: str) -> Iterator[str]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -163,6 +170,10 @@ def _parquet_documents(path: Path, column: str) -> Iterator[str]:
     if column not in parquet.schema_arrow.names:
         raise RaygptError(f"{path}: no {column!r} column (columns: {', '.join(parquet.schema_arrow.names)}); "
                           "set data.text_column")
+    kind = parquet.schema_arrow.field(column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+        raise RaygptError(f"{path}: column {column!r} holds {kind}, not text; set data.text_column to the column "
+                          "that holds the document's text")
     for batch in parquet.iter_batches(batch_size=1024, columns=[column]):
         yield from (text for text in batch.column(0).to_pylist() if text is not None)
 

@@ -19,7 +19,7 @@ def unigram_entropy(dataset: str, storage: Storage, split: str = "train") -> flo
     manifest = load_manifest(dataset, storage)
     counts = np.zeros(manifest.get("vocab_size", 50257), dtype=np.int64)
     for shard in manifest["splits"][split]["shards"]:
-        tokens = np.frombuffer(storage.read_bytes(join(dataset, shard["name"])), dtype=DTYPE)
+        tokens = np.frombuffer(storage.read_bytes(join(dataset, shard["name"]), max_bytes=None), dtype=DTYPE)
         counts += np.bincount(tokens, minlength=len(counts))[:len(counts)]
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
