@@ -27,11 +27,15 @@ from raygpt.config import load_spec
 from raygpt.errors import RaygptError
 from raygpt.judge.batch import BATCH_STATE_FILE, BatchPending
 from raygpt.judge.prompts import ComparativePrompt, ReplyError, SinglePrompt
-from raygpt.judge.run import plan_calls, presentation_orders, run_judge
+from raygpt.judge.calls import plan_calls, presentation_orders
+from raygpt.judge.run import run_judge
 from raygpt.judge.summary import anchor_warnings
+from raygpt.judge.wording import seed_robust_sentence, variance_line
 from raygpt.prompts import AlpacaPrompt
 from raygpt.stages import EMPTY_ANCHOR, REFERENCE_ANCHOR
-from raygpt.stats import bootstrap_mean_ci, kendall_tau_b, rankdata, spearman
+from raygpt.stats.ranks import kendall_tau_b, spearman, spearman_columns
+from raygpt.stats.resampling import bootstrap_mean_ci
+from raygpt.stats.variance import paired_seed_robust
 from raygpt.storage import Storage
 
 KEY = "sk-test-not-a-real-key-0123456789"
@@ -54,15 +58,16 @@ def write_answers(root: Path, quality: dict[str, int] = QUALITY, n_items: int = 
     return paths
 
 
-def write_scored_answers(root: Path, qualities: dict[str, list[int]], pads: dict[str, list[int]] | None = None
-                         ) -> list[Path]:
+def write_scored_answers(root: Path, qualities: dict[str, list[int]], pads: dict[str, list[int]] | None = None,
+                         reference_length: int = 0) -> list[Path]:
     """Answers files whose item i the fake judge scores ``qualities[model][i]``; ``pads`` adds
-    that many characters to answer i. A model id ``name@seedK`` is replicate K of ``name``."""
+    about that many characters to answer i (in 7-character words); ``reference_length`` makes
+    each reference answer that long. A model id ``name@seedK`` is replicate K of ``name``."""
     n_items = len(next(iter(qualities.values())))
     answers = root / "ift" / "answers"
     answers.mkdir(parents=True, exist_ok=True)
     items = [{"id": f"test-{i:04d}", "instruction": f"Summarise paragraph {i}.", "input": "",
-              "output": f"Paragraph {i} in one line."} for i in range(n_items)]
+              "output": f"Paragraph {i} in one line.".ljust(reference_length, ".")} for i in range(n_items)]
     paths = []
     for model, scores in qualities.items():
         base, _, seed = model.partition("@seed")
@@ -94,7 +99,7 @@ def noisy_judge(server: FakeOpenAI, sd: float):
 def make_spec(tmp_path: Path, server: FakeOpenAI | None, *settings: str):
     base_url = server.base_url if server else "http://127.0.0.1:9/v1"
     return load_spec(None, [f"storage_path={tmp_path}", f"judge.base_url={base_url}", "judge.model=judge-1",
-                            f"judge.cache_dir={tmp_path / 'cache'}", "judge.backoff_s=0.001", "judge.backoff_max_s=1",
+                            f"judge.cache_dir={tmp_path / 'cache'}",
                             "judge.timeout_s=5", "judge.passes=2", "judge.concurrency=4", "judge.max_retries=3",
                             "judge.bootstrap_samples=300", *settings])
 
@@ -179,15 +184,39 @@ def test_orders_are_seeded_and_rotate_so_every_answer_meets_every_position():
 
 
 def test_rank_statistics_match_known_values():
-    assert list(rankdata(np.array([10, 20, 20, 5]))) == [2, 3.5, 3.5, 1]
+    # Ties share their average rank: 10, 20, 20, 5 rank as 2, 3.5, 3.5, 1.
+    assert spearman_columns(np.array([[10, 20, 20, 5]]).T, np.array([[2, 3.5, 3.5, 1]]).T)[0] == pytest.approx(1)
     assert spearman(np.array([1, 2, 3, 4]), np.array([10, 20, 30, 40])) == pytest.approx(1)
     assert spearman(np.array([1, 2, 3, 4]), np.array([4, 3, 2, 1])) == pytest.approx(-1)
     # Hand-computed: ranks (1,2,3,4) vs (2,1,4,3): rho = 1 - 6*4/(4*15) = 0.6; tau = (4-2)/6.
     assert spearman(np.array([1, 2, 3, 4]), np.array([2, 1, 4, 3])) == pytest.approx(0.6)
+    assert spearman_columns(np.array([[1, 2, 3, 4]] * 2).T, np.array([[2, 1, 4, 3], [4, 3, 2, 1]]).T) == \
+        pytest.approx([0.6, -1])
     assert kendall_tau_b(np.array([1, 2, 3, 4]), np.array([2, 1, 4, 3])) == pytest.approx(1 / 3)
     # tau-b with a tie: x (1,2,3), y (1,1,2): concordant 2, discordant 0, ties in y 1 -> 2/sqrt(3*2).
     assert kendall_tau_b(np.array([1, 2, 3]), np.array([1, 1, 2])) == pytest.approx(2 / np.sqrt(6))
     assert np.isnan(spearman(np.array([1, 2, 3]), np.array([5, 5, 5])))
+
+
+def test_the_seed_robust_sentences_say_whether_a_lead_survives():
+    rng = np.random.default_rng(5)
+    item = rng.normal(0, 12, 100)
+
+    def runs(mean: float, seeds: int) -> np.ndarray:
+        return (mean + item[None, None] + rng.normal(0, 4, (seeds, 1, 1)) + rng.normal(0, 5, (seeds, 1, 100))
+                + rng.normal(0, 8, (seeds, 2, 100)))
+
+    small, near, far = runs(60, 3), runs(66, 3), runs(80, 3)
+    close = seed_robust_sentence(paired_seed_robust(near, small, names=("near", "small")))
+    assert close.startswith("near - small: +") and close.endswith(
+        "with 3 fine-tuning seeds each): the difference does not survive fine-tuning noise (the interval holds 0)")
+    wide = seed_robust_sentence(paired_seed_robust(far, small, names=("far", "small")))
+    assert wide.endswith("with 3 fine-tuning seeds each): the difference survives fine-tuning noise")
+    once = seed_robust_sentence(paired_seed_robust(far[:1], small, names=("far", "small")))
+    assert once.endswith("without the seed variance of far): cannot tell whether it survives fine-tuning noise, "
+                         "far fine-tuned with one seed")
+    pools = seed_robust_sentence(paired_seed_robust([far[:1], far[1:]], [small[:2], small[2:]], names=("p", "q")))
+    assert pools.endswith("with 2 pretraining seeds each): the difference survives seed noise")
 
 
 def test_bootstrap_interval_contains_the_mean_and_is_fixed_by_the_seed():
@@ -288,6 +317,25 @@ def test_rate_limits_and_server_errors_back_off_honouring_retry_after(tmp_path, 
 
 
 @pytest.mark.integration
+def test_the_client_retries_408_409_and_5xx_then_gives_up_counting_every_attempt(tmp_path, server):
+    write_answers(tmp_path, n_items=2)
+    spec = make_spec(tmp_path, server, "judge.concurrency=1", "judge.passes=1", "judge.max_retries=2")
+    # The first call meets 408 and 409 and then an answer; the second 502 three times, all the
+    # retries judge.max_retries allows the client.
+    server.script(Reply.error(408), Reply.error(409), Reply(), *[Reply.error(502)] * 3)
+    summary = run_judge(spec, Storage(), quiet())
+    requests = server.chat_requests
+    assert [r.headers.get("x-stainless-retry-count") for r in requests] == ["0", "1", "2", "0", "1", "2"]
+    assert summary["calls"]["failed"] == 1 and summary["calls"]["http_attempts"] == 6
+    assert summary["calls"]["failures"] == {"InternalServerError 502": 1}
+    failed = [json.loads(line) for line in (tmp_path / "judge" / "judgements.jsonl").read_text().splitlines()
+              if json.loads(line)["failure"]]
+    assert failed[0]["failure"].startswith("InternalServerError 502: ") and failed[0]["failure"].endswith(
+        "scripted 502 (after 3 attempts)")
+    assert failed[0]["attempts"] == 3
+
+
+@pytest.mark.integration
 def test_a_slow_reply_times_out_and_is_retried(tmp_path, server):
     write_answers(tmp_path, n_items=2)
     server.script(Reply.slow(2.0))
@@ -350,9 +398,9 @@ def test_interrupted_run_resumes_making_only_the_missing_calls(tmp_path, server)
 
 
 @pytest.mark.integration
-def test_an_aborting_run_cuts_other_calls_backoff_short(tmp_path, server):
+def test_an_aborting_run_waits_for_no_backoff_and_sends_nothing_more(tmp_path, server):
     write_answers(tmp_path)
-    spec = make_spec(tmp_path, server, "judge.concurrency=4", "judge.backoff_max_s=30")
+    spec = make_spec(tmp_path, server, "judge.concurrency=4")
     served = itertools.count()
     lock = threading.Lock()
 
@@ -360,15 +408,18 @@ def test_an_aborting_run_cuts_other_calls_backoff_short(tmp_path, server):
         with lock:
             n = next(served)
         if n < 3:
-            return Reply.error(429, retry_after_ms=20_000)
-        time.sleep(0.2)  # the 429s are in their backoff by now
+            return Reply.error(429, retry_after_ms=4_000)
+        time.sleep(0.2)  # the 429s are in the client's backoff by now
         return Reply.error(401)
 
     server.policy = three_rate_limits_then_a_revoked_key
     started = time.monotonic()
     with pytest.raises(RaygptError, match="rejected the key"):
         run_judge(spec, Storage(), quiet())
-    assert time.monotonic() - started < 5, "the other calls kept waiting out their Retry-After"
+    assert time.monotonic() - started < 3, "the run waited out the other calls' Retry-After"
+    sent = len(server.chat_requests)
+    time.sleep(max(0.0, started + 5 - time.monotonic()))  # their backoff is over: they woke and gave up
+    assert len(server.chat_requests) == sent == 4, "a call sent its retry after the run was aborted"
 
 
 @pytest.mark.integration
@@ -378,8 +429,9 @@ def test_an_exhausted_quota_stops_the_run_at_once(tmp_path, server):
                                                     "type": "insufficient_quota", "code": "insufficient_quota"}}))
     with pytest.raises(RaygptError, match="quota is used up"):
         run_judge(make_spec(tmp_path, server, "judge.concurrency=1"), Storage(), quiet())
-    # No retries: at most the one call the worker had already started, of 12.
+    # No retries (the client was told not to): at most the one call the worker had already started, of 12.
     assert len(server.chat_requests) <= 2
+    assert all(r.headers.get("x-stainless-retry-count") == "0" for r in server.chat_requests)
 
 
 @pytest.mark.integration
@@ -586,7 +638,7 @@ def test_cli_error_is_one_line_with_status_2(tmp_path, server, capsys, monkeypat
 def _spec_file(tmp_path: Path, server: FakeOpenAI) -> Path:
     path = tmp_path / "judge.yaml"
     path.write_text(f"storage_path: {tmp_path}\njudge:\n  base_url: {server.base_url}\n  model: judge-1\n"
-                    f"  cache_dir: {tmp_path / 'cache'}\n  passes: 2\n  backoff_s: 0.001\n  bootstrap_samples: 200\n")
+                    f"  cache_dir: {tmp_path / 'cache'}\n  passes: 2\n  bootstrap_samples: 200\n")
     return path
 
 
@@ -640,9 +692,82 @@ def test_replicates_pool_into_their_base_model_and_the_decomposition_recovers_a_
     assert m["ci95_includes_seeds"] and m["ci95"][1] - m["ci95"][0] > 1.5 * (m["ci95_items"][1] - m["ci95_items"][0])
     (robust,) = summary["comparisons"]["seed_robust"]
     assert robust["survives"] is True and "survives fine-tuning noise" in robust["sentence"]
-    assert summary["comparisons"]["letters_from"].startswith("t tests that include the fine-tuning seed variance")
+    assert summary["comparisons"]["letters_from"].startswith("tests that include the fine-tuning seed variance")
     assert summary["letters"] == {"m": "a", "n": "b"}
     # Seen: seed sd 5.16 (95% CI 2.8-19.4); interval 57.0-72.3 with the seeds, 61.8-67.6 over items alone.
+
+
+PRETRAINING_OFFSETS = {"wd": (-6, 0, 6), "base": (4, -5, 1)}
+"""Each pretraining seed's luck, per pool (wd's: sd 6)."""
+POOLS = "judge.pools={wd: [wd@1337, wd@1, wd@2], base: [base@1337, base@1, base@2]}"
+
+
+def write_pooled_answers(root: Path, items: int = 30) -> None:
+    """Two pools of 3 base models that differ only in their pretraining seed (1337, 1, 2; named
+    as a sweep names its runs, ``<variant>@<seed>``), each fine-tuned twice (replicates @seed1,
+    @seed2), 30 points apart, and a base model ``other`` in no pool, fine-tuned twice."""
+    rng = np.random.default_rng(4)
+    item = rng.normal(0, 10, items)
+    qualities = {}
+    for pool, quality in (("wd", 75), ("base", 45)):
+        for pretraining_seed, offset in zip((1337, 1, 2), PRETRAINING_OFFSETS[pool]):
+            for finetuning_seed, luck in ((1, -1.5), (2, 1.5)):
+                qualities[f"{pool}@{pretraining_seed}@seed{finetuning_seed}"] = np.round(
+                    quality + offset + luck + item + rng.normal(0, 3, items))
+    for finetuning_seed in (1, 2):
+        qualities[f"other@seed{finetuning_seed}"] = np.round(25 + item + rng.normal(0, 3, items))
+    write_scored_answers(root, qualities)
+
+
+@pytest.mark.integration
+def test_a_pool_scores_its_runs_as_one_with_the_pretraining_seed_variance(tmp_path, server):
+    server.policy = noisy_judge(server, sd=3)
+    write_pooled_answers(tmp_path)
+    summary = run_judge(make_spec(tmp_path, server, POOLS), Storage(), quiet())
+
+    assert summary["ranking"] == ["wd", "base", "other"]
+    wd, other = by_model(summary)["wd"], by_model(summary)["other"]
+    assert wd["pool"] == ["wd@1337", "wd@1", "wd@2"] and wd["pool_base_models"] == ["runs/wd@1337", "runs/wd@1",
+                                                                                     "runs/wd@2"]
+    assert [(r["model"], r["member"]) for r in wd["replicates"]] == [
+        (f"wd@{p}@seed{f}", f"wd@{p}") for p in (1337, 1, 2) for f in (1, 2)]
+    assert np.array(wd["item_scores_by_run"]).shape == (3, 2, 30) and wd["seeds"] == [1, 2]
+    # The pool's interval holds both seed variances: wider than over items alone, and than with
+    # the pretraining seeds held fixed (fine-tuning seeds and items random).
+    width = wd["ci95"][1] - wd["ci95"][0]
+    assert wd["ci95_includes_seeds"] and wd["ci95"][0] <= 75 <= wd["ci95"][1]
+    assert width > 2 * (wd["ci95_items"][1] - wd["ci95_items"][0])
+    assert width > 2 * (wd["ci95_finetuning"][1] - wd["ci95_finetuning"][0])
+    pretraining = wd["variance"]["components"]["pretraining"]
+    assert pretraining["ci_sd"][0] <= 6 <= pretraining["ci_sd"][1] and wd["variance"]["pretraining_seeds"] == 3
+    # A base model in no pool is scored as before.
+    assert "pool" not in other and other["seeds"] == [1, 2] and other["variance"]["pretraining_seeds"] == 1
+    # Letters and pairs per pool, in words that name the seeds.
+    assert summary["letters"] == {"wd": "a", "base": "b", "other": "c"}
+    assert "pretraining and fine-tuning seed variance" in summary["comparisons"]["letters_from"]
+    sentences = {(r["a"], r["b"]): r["sentence"] for r in summary["comparisons"]["seed_robust"]}
+    assert sentences[("wd", "base")].startswith("wd - base: +")
+    assert sentences[("wd", "base")].endswith("with 3 pretraining seeds each): the difference survives seed noise")
+    assert sentences[("base", "other")].endswith(
+        "with 3 pretraining seeds and 2 fine-tuning seeds): the difference survives seed noise")
+    line = variance_line(wd)
+    assert line.startswith("wd: score sd by source, 95% CI: items ") and ", pretraining seeds " in line
+    assert ", fine-tuning seeds " in line and ", pretraining seed x item " in line
+    # Seen: wd 73.8 (95% CI 58.1-89.6; items only 69.9-77.5; pretraining seeds fixed 68.3-79.3),
+    # pretraining sd 5.8 (0.0-38.1), fine-tuning sd 2.6 (1.3-10.0).
+
+
+def test_pools_that_name_what_is_not_judged_are_one_error_before_any_call(tmp_path):
+    write_pooled_answers(tmp_path)
+    bad = ("judge.pools={wd: [wd@1337, wd@7], other: [base@1], base: [base@1, base@2], empty: [], '@p': [base@2]}")
+    with pytest.raises(RaygptError) as error:
+        run_judge(make_spec(tmp_path, None, bad), Storage(), quiet(), dry_run=True)
+    message = str(error.value)
+    assert message.startswith("judge: judge.pools.wd: 'wd@7' has no answers (judged base models: base@1, base@1337")
+    for problem in ("judge.pools.other: 'other' is also a judged model that the pool does not hold",
+                    "judge.pools.base: 'base@1' is pooled in 'other' already", "judge.pools.empty: names no base model",
+                    "judge.pools.@p: a pool's name must not start with '@'"):
+        assert problem in message, problem
 
 
 @pytest.mark.integration
@@ -659,8 +784,32 @@ def test_the_length_controlled_score_removes_a_planted_length_bonus(tmp_path):
     assert long["mean"] - short["mean"] > 10  # the bonus shows in the raw score...
     assert long["length_controlled"] == pytest.approx(short["length_controlled"], abs=2)  # ...not in the controlled one
     assert summary["length"]["score_points_per_unit"] == pytest.approx(0.04, abs=0.01)
-    assert summary["length"]["reference"] == "@reference anchor"
+    assert summary["length"]["reference"] == "@reference anchor" and summary["length"]["refused"] == []
+    assert long["length_controlled_ci95"][0] <= long["length_controlled"] <= long["length_controlled_ci95"][1]
+    first, *_, caveat = summary["length"]["sentences"]
+    assert first.startswith("length-controlled: each model's score at the reference's answer length; the judge gives "
+                            "+3.95 points per 100 characters, 95% CI +")
+    assert caveat.startswith("length control cannot tell a judge that rewards length from answers that are longer "
+                             "because they are better")
     # Seen: raw 65.5 and 53.8, length-controlled 50.6 and 50.1, 0.040 points per character.
+
+
+@pytest.mark.integration
+def test_a_length_slope_fitted_to_quality_is_refused_and_said(tmp_path, server):
+    # Answers 7 characters longer for every 14 points of quality, a judge blind to length, and
+    # reference answers 300 characters long: the slope of about 2 points per character would
+    # move every score by hundreds of points.
+    rng = np.random.default_rng(2)
+    item = rng.normal(0, 10, 30)
+    qualities = {m: np.clip(np.round(q + item + rng.normal(0, 8, 30)), 0, 100) for m, q in (("a", 40), ("b", 60))}
+    pads = {m: [int(q) // 2 for q in scores] for m, scores in qualities.items()}
+    write_scored_answers(tmp_path, qualities, pads, reference_length=300)
+    summary = run_judge(make_spec(tmp_path, server, "judge.passes=1"), Storage(), quiet())
+    assert "effect beyond the score range" in summary["length"]["refused"]
+    assert all(m["length_controlled"] is None and m["length_controlled_ci95"] == [None, None]
+               for m in summary["models"])
+    assert any(s.startswith("length-controlled scores withheld: the length adjustment of ") and
+               "more than the whole 0-100 scale" in s for s in summary["length"]["sentences"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -829,3 +978,18 @@ def test_an_unreachable_endpoint_with_a_password_in_its_url_is_named_without_it(
     with pytest.raises(RaygptError, match=rf"judge endpoint http://127.0.0.1:{port}/v1 cannot be reached") as error:
         run_judge(spec, Storage(), quiet())
     assert "s3cret-pw" not in str(error.value)
+
+
+@pytest.mark.parametrize("api_key_env, sent", [
+    ("JUDGE_TEST_KEY", "Bearer sk-judge-test"),  # a key wins: the URL's user:password is not sent
+    ("", "Basic anVkZ2U6czNjcmV0LXB3"),  # no key: the URL's judge:s3cret-pw, as HTTP Basic auth
+], ids=["api-key", "no-key"])
+def test_which_credential_a_judge_url_with_a_password_sends(monkeypatch, api_key_env, sent):
+    from raygpt.judge.client import JudgeEndpoint
+
+    monkeypatch.setenv("JUDGE_TEST_KEY", "sk-judge-test")
+    with FakeOpenAI(models=["judge-1"]) as server:
+        url = server.base_url.replace("http://", "http://judge:s3cret-pw@")
+        spec = load_spec(None, [f"judge.base_url={url}", f"judge.api_key_env={api_key_env!r}", "judge.model=judge-1"])
+        JudgeEndpoint(spec.judge).preflight()
+    assert [v for r in server.requests for k, v in r.headers.items() if k.lower() == "authorization"] == [sent]

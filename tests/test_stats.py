@@ -1,8 +1,9 @@
 """The statistics of raygpt.stats on simulated judge scores of known truth, fixed seeds.
 
-Each simulation plants an effect (a score difference, a fine-tuning seed spread, a length
-bonus, a position bias, a judge noise level) and checks that the statistic recovers it within
-its interval, and reads about nothing when nothing is planted.
+Each simulation plants an effect (a score difference, a fine-tuning or pretraining seed
+spread, a length bonus, a position bias, a judge noise level) and checks that the statistic
+recovers it within its interval, and reads about nothing when nothing is planted. The
+intervals' coverage is checked in simulations small enough to run in seconds.
 """
 
 from __future__ import annotations
@@ -14,9 +15,13 @@ import math
 import numpy as np
 import pytest
 
-from raygpt.stats import (bootstrap_mean_ci, compact_letter_display, describe_agreement, f_quantile, holm_adjust,
-                          item_agreement, length_controlled, mean_ci, paired_differences, paired_seed_robust,
-                          position_bias, spearman, spearman_interval, t_cdf, t_quantile, variance_components)
+from scipy import stats
+
+from raygpt.stats.judge_checks import item_agreement, length_controlled, position_bias
+from raygpt.stats.multiple_comparisons import compact_letter_display, holm_adjust
+from raygpt.stats.ranks import kendall_tau_b, spearman
+from raygpt.stats.resampling import bootstrap_mean_ci, paired_differences, spearman_interval
+from raygpt.stats.variance import mean_ci, paired_seed_robust, variance_components
 
 
 def judged(quality: list[float], items: int, passes: int, rng: np.random.Generator, item_sd: float = 15,
@@ -36,6 +41,17 @@ def replicates(mean: float, seeds: int, passes: int, items: int, rng: np.random.
     item = rng.normal(0, item_sd, items) if item is None else item
     return (mean + item[None, None] + rng.normal(0, seed_sd, (seeds, 1, 1))
             + rng.normal(0, seed_item_sd, (seeds, 1, items)) + rng.normal(0, pass_sd, (seeds, passes, items)))
+
+
+def pooled(mean: float, pretraining: int, seeds: int, passes: int, items: int, rng: np.random.Generator,
+           item: np.ndarray | None = None, pretraining_sd: float = 4, pretraining_item_sd: float = 3,
+           **run_sds: float) -> list[np.ndarray]:
+    """Scores of a pool: one (seeds, passes, items) array per pretraining seed, each pretraining
+    seed's overall luck and its luck on each item shared by its fine-tuning runs (``replicates``)."""
+    item = rng.normal(0, run_sds.pop("item_sd", 12), items) if item is None else item
+    return [replicates(mean + rng.normal(0, pretraining_sd), seeds, passes, items, rng,
+                       item=item + rng.normal(0, pretraining_item_sd, items), **run_sds)
+            for _ in range(pretraining)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,15 +132,38 @@ def test_letters_are_shared_exactly_by_the_pairs_that_cannot_be_told_apart():
 # Fine-tuning noise
 
 
-def test_distribution_quantiles_match_the_tables():
-    assert t_quantile(0.975, 2) == pytest.approx(4.302653, abs=1e-6)
-    assert t_quantile(0.025, 10) == pytest.approx(-2.228139, abs=1e-6)
-    assert t_quantile(0.975, 1e7) == pytest.approx(1.959964, abs=1e-5)
-    assert f_quantile(0.95, 3, 10) == pytest.approx(3.708265, abs=1e-6)
-    assert t_cdf(2.228139, 10) == pytest.approx(0.975, abs=1e-6) and t_cdf(0, 3) == 0.5
-    assert t_cdf(-1.959964, math.inf) == pytest.approx(0.025, abs=1e-6)
-    assert 2 * f_quantile(0.025, 2) == pytest.approx(0.0506356, abs=1e-6)  # chi-square(2)
-    assert 400 * f_quantile(0.975, 400) == pytest.approx(457.3055, abs=1e-3)
+def standardised(n: int, seed: int = 0) -> np.ndarray:
+    """n values with mean exactly 0 and sample sd exactly 1."""
+    z = np.random.default_rng(seed).normal(size=n)
+    return (z - z.mean()) / z.std(ddof=1)
+
+
+def test_intervals_use_the_tabled_t_f_and_chi_square_quantiles():
+    # One run: the interval over n items is mean +- t(0.975, n - 1) sd / sqrt(n).
+    for n, t in ((3, 4.302653), (11, 2.228139), (100_000, 1.959964)):
+        ci = mean_ci((50 + standardised(n))[None, None])["ci"]
+        assert ci == pytest.approx([50 - t / np.sqrt(n), 50 + t / np.sqrt(n)], abs=1e-5)
+    # Two runs 11 items apart: the pair's p-value is the two-sided t tail, P(T10 > 2.228139) = 0.025 a side.
+    difference = 2.228139 / np.sqrt(11) + standardised(11, seed=1)
+    pair = paired_seed_robust(np.full((1, 1, 11), 60.0) + difference, np.full((1, 1, 11), 60.0))
+    assert pair["p_value"] == pytest.approx(0.05, abs=1e-6)
+    assert paired_seed_robust(np.full((1, 1, 11), 60.0) + standardised(11), np.full((1, 1, 11), 60.0))["p_value"] == 1.0
+    # A component's interval: F quantiles of its mean square over the reference one. Seeds with
+    # 4 seeds and 5 items: F(3, 12), 0.95 quantile 3.490295 and 0.05 quantile 1 / F(12, 3) 0.95 = 1 / 8.744641.
+    scores = replicates(60, seeds=4, passes=1, items=5, rng=np.random.default_rng(0), seed_sd=10)[:, 0]
+    grand, seed_means, item_means = scores.mean(), scores.mean(axis=1), scores.mean(axis=0)
+    ms_seed = 5 * ((seed_means - grand) ** 2).sum() / 3
+    ms_interaction = ((scores - seed_means[:, None] - item_means + grand) ** 2).sum() / 12
+    seed = variance_components(scores[:, None], level=0.9)["components"]["seed"]
+    assert seed["ci_variance"] == pytest.approx([max(0, (ms_seed / 3.490295 - ms_interaction) / 5),
+                                                 (ms_seed * 8.744641 - ms_interaction) / 5], rel=1e-5)
+    # The pass noise alone: chi-square. 2 items judged twice (2 df): 0.025 quantile 0.0506356;
+    # 400 items judged twice (400 df): 0.975 quantile 457.3055.
+    for items, quantile, bound in ((2, 0.0506356, 1), (400, 457.3055, 0)):
+        twice = replicates(60, seeds=1, passes=2, items=items, rng=np.random.default_rng(items))
+        ms_pass = ((twice - twice.mean(axis=1, keepdims=True)) ** 2).sum() / items
+        found = variance_components(twice)["components"]["pass"]["ci_variance"][bound]
+        assert found == pytest.approx(ms_pass * items / quantile, rel=1e-5)
 
 
 def test_the_decomposition_recovers_planted_components_within_their_intervals():
@@ -162,16 +201,97 @@ def test_the_decomposition_says_what_one_seed_or_one_pass_cannot_estimate_and_sk
 
     one_seed = variance_components(scores[:1])
     assert one_seed["components"]["seed"]["sd"] is None and one_seed["components"]["seed_item"]["sd"] is None
-    assert "one fine-tuning seed" in one_seed["notes"][0] and not one_seed["mean"]["includes_seed_variance"]
+    assert one_seed["limits"] == ["one run"] and not one_seed["mean"]["includes_seed_variance"]
     # With one seed the interval is the plain t interval over the items.
     kept = ~np.isnan(scores[0]).all(axis=0)
     cells = np.nanmean(scores[0][:, kept], axis=0)
-    half = t_quantile(0.975, len(cells) - 1) * cells.std(ddof=1) / np.sqrt(len(cells))
+    half = stats.t.ppf(0.975, len(cells) - 1) * cells.std(ddof=1) / np.sqrt(len(cells))
     assert one_seed["mean"]["ci"] == pytest.approx([cells.mean() - half, cells.mean() + half])
 
     one_pass = variance_components(scores[:, :1])
     assert one_pass["components"]["pass"]["sd"] is None and one_pass["components"]["seed_item"]["sd"] is None
-    assert one_pass["components"]["seed"]["sd"] is not None and any("one judge pass" in n for n in one_pass["notes"])
+    assert one_pass["components"]["seed"]["sd"] is not None and one_pass["limits"] == ["one pass"]
+
+
+@pytest.mark.parametrize("seeds", [3, 5, 10])
+def test_the_mean_interval_covers_the_truth_at_few_seeds(seeds):
+    # 1,500 simulated base models per seed sd, each fine-tuned `seeds` times, judged twice on 30
+    # items. The t interval with Satterthwaite's degrees of freedom covered 92-94% here at 3
+    # seeds; the interval by level stays at or above 95%.
+    runs = 1500
+    rng = np.random.default_rng(seeds)
+    for seed_sd in (0, 2, 4):
+        covered = sum(low <= 60 <= high for low, high in
+                      (mean_ci(replicates(60, seeds, 2, 30, rng, seed_sd=seed_sd))["ci"] for _ in range(runs)))
+        assert covered / runs >= 0.94, f"{seeds} seeds, seed sd {seed_sd}: {covered / runs:.1%} coverage"
+    # Seen (seed sd 0, 2, 4): 3 seeds 96.9, 98.3, 97.9%; 5 seeds 95.3, 97.0, 96.2%; 10 seeds 95.5, 96.1, 96.2%.
+
+
+def test_a_pools_interval_includes_the_pretraining_seed_variance_and_covers_the_truth():
+    runs = 1000
+    rng = np.random.default_rng(11)
+    widths = {"pooled": [], "items": [], "fine-tuning": []}
+    for pretraining_sd in (0, 2, 4):
+        covered = covered_finetuning = 0
+        for _ in range(runs):
+            scores = pooled(60, pretraining=3, seeds=2, passes=2, items=30, rng=rng, pretraining_sd=pretraining_sd)
+            result = mean_ci(scores)
+            covered += result["ci"][0] <= 60 <= result["ci"][1]
+            covered_finetuning += result["ci_finetuning"][0] <= 60 <= result["ci_finetuning"][1]
+            if pretraining_sd == 4:
+                items = np.mean([s.mean(axis=(0, 1)) for s in scores], axis=0)
+                half = stats.t.ppf(0.975, 29) * items.std(ddof=1) / np.sqrt(30)
+                for name, (low, high) in (("pooled", result["ci"]), ("fine-tuning", result["ci_finetuning"]),
+                                          ("items", (items.mean() - half, items.mean() + half))):
+                    widths[name].append(high - low)
+        assert covered / runs >= 0.94, f"pretraining sd {pretraining_sd}: {covered / runs:.1%} coverage"
+        if pretraining_sd == 4:
+            # Holding the pretraining seeds fixed leaves their variance out: far too narrow.
+            assert covered_finetuning / runs < 0.93
+    assert np.median(widths["pooled"]) > 1.5 * np.median(widths["fine-tuning"])
+    assert np.median(widths["pooled"]) > 1.5 * np.median(widths["items"])
+    assert result["pretraining_seeds"] == 3 and result["seeds"] == 6 and result["includes_seed_variance"]
+    # Seen: coverage 97.8, 97.7, 97.2% (pretraining sd 0, 2, 4); with the pretraining seeds held
+    # fixed 97.5, 96.2, 91.4%; median widths at sd 4: 20.9 pooled, 11.9 fine-tuning only, 9.2 items only.
+
+
+def test_the_pool_decomposition_recovers_planted_pretraining_and_fine_tuning_components():
+    planted = {"pretraining": 6, "seed": 4, "seed_item": 5, "pass": 8}
+    covered = {name: 0 for name in planted}
+    runs = 60
+    for k in range(runs):
+        rng = np.random.default_rng(500 + k)
+        scores = pooled(60, pretraining=5, seeds=3, passes=2, items=80, rng=rng, pretraining_sd=6,
+                        pretraining_item_sd=0, seed_sd=4, seed_item_sd=5, pass_sd=8)
+        result = variance_components(scores)
+        for name, sd in planted.items():
+            low, high = result["components"][name]["ci_sd"]
+            covered[name] += low <= sd <= high
+    assert all(covered[name] >= 0.85 * runs for name in planted), covered
+    assert result["pretraining_seeds"] == 5 and result["seeds"] == 15 and result["limits"] == []
+    once = variance_components([s[:1] for s in scores])
+    assert once["limits"] == ["fine-tuning confounded"] and once["components"]["seed"]["sd"] is None
+    assert once["components"]["pretraining"]["sd"] is not None and once["mean"]["ci_finetuning"] is None
+    json.dumps([result, once], allow_nan=False)
+    # Seen over 60 simulations: pretraining 58, seed 55, seed_item 56, pass 57 intervals hold the truth.
+
+
+def test_the_seed_robust_difference_covers_the_truth_at_three_seeds():
+    runs = 600
+    rng = np.random.default_rng(3)
+    for seed_sd in (0, 4):
+        covered = 0
+        for _ in range(runs):
+            item = rng.normal(0, 12, 30)
+            a = replicates(66, 3, 2, 30, rng, item=item, seed_sd=seed_sd)
+            b = replicates(60, 3, 2, 30, rng, item=item, seed_sd=seed_sd)
+            low, high = paired_seed_robust(a, b)["ci"]
+            covered += low <= 6 <= high
+        assert covered / runs >= 0.94, f"seed sd {seed_sd}: {covered / runs:.1%}"
+    pools = [pooled(q, 3, 2, 2, 30, rng, item=item) for q in (66, 60)]
+    pair = paired_seed_robust(*pools, names=("p", "q"))
+    assert pair["unit_levels"] == ["pretraining", "pretraining"] and pair["seeds"] == [3, 3]
+    # Seen: 98.3% (seed sd 0) and 98.8% (4).
 
 
 def test_a_lead_survives_seed_noise_only_when_it_is_large_enough():
@@ -185,14 +305,18 @@ def test_a_lead_survives_seed_noise_only_when_it_is_large_enough():
     assert paired_differences(per_item, samples=500, seed=0)[0].different
     # ...but three fine-tuning runs of each, 4 points apart run to run, cannot carry it.
     close = paired_seed_robust(near, small, names=("near", "small"))
-    assert close["survives"] is False and close["ci"][0] < 0 < close["ci"][1]
-    assert close["sentence"].startswith("near - small: +") and "does not survive fine-tuning noise" in close["sentence"]
+    assert close["survives"] is False and close["ci"][0] < 0 < close["ci"][1] and close["difference"] > 0
+    assert (close["a"], close["b"], close["seeds"], close["unit_levels"]) == ("near", "small", [3, 3],
+                                                                              ["fine-tuning", "fine-tuning"])
     wide = paired_seed_robust(far, small, names=("far", "small"))
-    assert wide["survives"] is True and wide["ci"][0] < 20 < wide["ci"][1] and "survives" in wide["sentence"]
-    # The t test agrees with the interval: p above 0.05 exactly when the interval holds 0.
+    assert wide["survives"] is True and wide["ci"][0] < 20 < wide["ci"][1]
+    # The p-value agrees with the interval: above 0.05 exactly when the interval holds 0.
     assert close["p_value"] > 0.05 and wide["p_value"] < 0.05
+    for pair in (close, wide):
+        at_p = paired_seed_robust(near if pair is close else far, small, level=1 - pair["p_value"])
+        assert min(abs(bound) for bound in at_p["ci"]) == pytest.approx(0, abs=1e-6), "the interval at 1 - p reaches 0"
     once = paired_seed_robust(far[:1], small, names=("far", "small"))
-    assert once["survives"] is None and "far fine-tuned with one seed" in once["sentence"]
+    assert once["survives"] is None and once["seeds"] == [1, 3]
     json.dumps([close, wide, once], allow_nan=False)
 
 
@@ -213,8 +337,7 @@ def test_loss_and_score_agree_when_planted_and_cannot_tell_when_not():
     rng = np.random.default_rng(0)
     agree = spearman_interval(LOSSES, seeded_scores(70 - 20 * (LOSSES - 3), 3, rng), samples=500, seed=0)
     assert agree["spearman"] == -1.0 and agree["ci"][1] < 0 and agree["resampled"] == "items and seeds"
-    assert describe_agreement(agree["spearman"], agree["ci"]) == \
-        f"test loss and IFT score agree (lower loss, higher score): Spearman -1.00, 95% CI -1.00 to {agree['ci'][1]:.2f}"
+    assert agree["ci"][0] == -1.0
     json.dumps(agree, allow_nan=False)
     # No relation: the interval should hold 0 in about 95% of runs (seen: 0 of these 40 leave it out;
     # 4.5% of 200 runs with another seed sequence).
@@ -224,10 +347,6 @@ def test_loss_and_score_agree_when_planted_and_cannot_tell_when_not():
                                       samples=300, seed=k)
         excluded += not unrelated["ci"][0] <= 0 <= unrelated["ci"][1]
     assert excluded <= 5, f"{excluded}/40 intervals leave out 0 with no relation planted"
-    assert describe_agreement(0.4, [-0.5, 0.9]) == \
-        "test loss and IFT score: cannot tell at this sample size (Spearman 0.40, 95% CI -0.50 to 0.90)"
-    assert describe_agreement(0.8, [0.2, 1.0]).startswith("test loss and IFT score disagree")
-    assert "cannot tell" in describe_agreement(None, [None, None])
 
 
 def test_seed_noise_widens_the_loss_score_interval():
@@ -243,6 +362,54 @@ def test_seed_noise_widens_the_loss_score_interval():
     only_items = spearman_interval(LOSSES, [s.mean(axis=0) for s in seeded_scores(quality, 4, np.random.default_rng(1),
                                                                                   seed_sd=4)], samples=500, seed=0)
     assert widths[4] > only_items["ci"][1] - only_items["ci"][0]
+
+
+def pooled_scores(quality: np.ndarray, rng: np.random.Generator, pretraining_sd: float, pretraining: int = 3,
+                  seeds: int = 2) -> list[list[np.ndarray]]:
+    """Per-item scores of each pool: one (fine-tuning seeds, items) array per pretraining seed."""
+    item = rng.normal(0, 12, 80)
+    return [[q + rng.normal(0, pretraining_sd) + item[None] + rng.normal(0, 2, (seeds, 1))
+             + rng.normal(0, 8, (seeds, 80)) for _ in range(pretraining)] for q in quality]
+
+
+def test_pretraining_seed_noise_widens_the_loss_score_interval_of_pools():
+    quality = 70 - 10 * (LOSSES - 3)  # 2 points apart
+    widths = {}
+    for pretraining_sd in (0, 5):
+        pools = pooled_scores(quality, np.random.default_rng(2), pretraining_sd)
+        nested = spearman_interval(LOSSES, pools, samples=500, seed=0)
+        # The same runs as if they were one base model's fine-tuning seeds: the pretraining seed's
+        # variance is then resampled as fine-tuning noise within one pool member, not between members.
+        flat = spearman_interval(LOSSES, [np.concatenate(p) for p in pools], samples=500, seed=0)
+        widths[pretraining_sd] = (nested["ci"][1] - nested["ci"][0], flat["ci"][1] - flat["ci"][0])
+        assert nested["resampled"] == "items, pretraining and fine-tuning seeds" and flat["resampled"] == "items and seeds"
+        assert nested["pretraining_seeds"] == [3] * 6 and nested["seeds"] == [6] * 6
+        means = [np.mean([g.mean() for g in p]) for p in pools]
+        assert nested["spearman"] == pytest.approx(stats.spearmanr(LOSSES, means).statistic)
+    assert widths[5][0] > widths[0][0] and widths[5][0] > widths[5][1]
+    # Per-pretraining-seed test losses move with the seeds: resampled with them, they widen it too.
+    pools = pooled_scores(quality, np.random.default_rng(3), 0)
+    seed_losses = [loss + np.random.default_rng(k).normal(0, 0.3, 3) for k, loss in enumerate(LOSSES)]
+    with_losses = spearman_interval(seed_losses, pools, samples=500, seed=0)
+    exact = spearman_interval([np.mean(losses) for losses in seed_losses], pools, samples=500, seed=0)
+    assert with_losses["spearman"] == exact["spearman"]
+    assert with_losses["ci"][1] - with_losses["ci"][0] > exact["ci"][1] - exact["ci"][0]
+    with pytest.raises(ValueError, match="model 0 has 2 losses for 3 pretraining seeds"):
+        spearman_interval([[3.0, 3.1]] + list(LOSSES[1:]), pools, samples=10, seed=0)
+    json.dumps(with_losses, allow_nan=False)
+    # Seen: widths 0.29 nested and 0.23 flat (pretraining sd 0), 0.63 and 0.46 (sd 5); with per-seed
+    # losses 0.72 against 0.40. No relation: 1 of the next test's 30 intervals leaves out 0.
+
+
+def test_with_no_relation_the_pooled_loss_score_interval_holds_0():
+    excluded = 0
+    for k in range(30):
+        rng = np.random.default_rng(100 + k)
+        pools = pooled_scores(np.full(6, 60.0), rng, pretraining_sd=3)
+        seed_losses = [loss + rng.normal(0, 0.05, 3) for loss in LOSSES]
+        result = spearman_interval(seed_losses, pools, samples=300, seed=k)
+        excluded += not result["ci"][0] <= 0 <= result["ci"][1]
+    assert excluded <= 4, f"{excluded}/30 intervals leave out 0 with no relation planted"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,7 +434,13 @@ def test_the_length_controlled_score_removes_a_planted_length_bonus():
         assert long["length_controlled"] == pytest.approx(short["length_controlled"], abs=2)
         assert medium["length_controlled"] == pytest.approx(short["length_controlled"], abs=2)
         assert result["length_coefficient"] == pytest.approx(0.05, abs=0.01)
+        assert result["coefficient_ci"][0] <= 0.05 <= result["coefficient_ci"][1]
         assert long["mean_length"] == pytest.approx(400, abs=15) and long["items"] == int((~np.isnan(scores[:, 0])).sum())
+        assert result["refused"] == [] and not result["little_within_model_variation"]
+        for model in (long, short, medium):
+            assert model["ci"][0] <= model["length_controlled"] <= model["ci"][1] and model["ci"][1] - model["ci"][0] < 6
+        # Equal quality: each interval holds the others' estimates.
+        assert long["ci"][0] <= short["length_controlled"] <= long["ci"][1]
         json.dumps(result, allow_nan=False)
     # Seen: raw 80.1 / 69.8 / 74.7; controlled 74.3 / 75.5 / 74.8 (mean reference), 72.1 / 72.1 / 71.9
     # (anchor reference); coefficient 0.056 and 0.050.
@@ -281,6 +454,60 @@ def test_without_a_length_effect_the_control_changes_little():
     assert long["length_controlled"] - short["length_controlled"] == pytest.approx(5, abs=2.5)
     constant = length_controlled(scores, np.full_like(scores, 100.0))
     assert constant["length_coefficient"] is None and constant["models"][0]["length_controlled"] is None
+
+
+def lengths_that_track_quality(rng: np.random.Generator, chars_per_point: float = 0.25) -> tuple:
+    """The held-out check's judge of known truth: models of quality 41.5 / 51.0 / 58.3 whose
+    answers are longer by a few characters the better each answer is, and a judge that does
+    not care about length. Returns (scores, lengths), (200 items, 3 models)."""
+    item = rng.normal(0, 10, 200)
+    quality = np.array([41.5, 51.0, 58.3])[None] + item[:, None] + rng.normal(0, 8, (200, 3))
+    scores = np.clip(np.round(quality + rng.normal(0, 3, (200, 3))), 0, 100)
+    return scores, np.round(300 + chars_per_point * quality)
+
+
+def test_a_length_effect_beyond_the_score_range_is_refused_never_printed():
+    scores, lengths = lengths_that_track_quality(np.random.default_rng(0))
+    # A reference that is 35 characters longer: the few characters that track quality give a
+    # slope of about 4 points per character, which moves every score by 140-160 points.
+    result = length_controlled(scores, lengths, np.full(200, 95.0), np.full(200, 350.0), names=["a", "b", "c"])
+    assert result["refused"] == ["effect beyond the score range"] and result["length_coefficient"] > 2
+    assert result["little_within_model_variation"] and result["within_model_spread"] < 0.02
+    assert all(m["length_controlled"] is None and m["ci"] == [None, None] for m in result["models"])
+    assert max(abs(m["adjustment"]) for m in result["models"]) > 100
+    json.dumps(result, allow_nan=False)
+    # Seen: 3.94 points per character, adjustments -156, -147, -139 (the unguarded scores were 197-198).
+
+
+def test_where_length_follows_quality_the_control_erases_true_differences_and_says_why_it_may():
+    scores, lengths = lengths_that_track_quality(np.random.default_rng(0), chars_per_point=0.1)
+    result = length_controlled(scores, lengths, names=["a", "b", "c"])
+    raw = [m["raw"] for m in result["models"]]
+    controlled = [m["length_controlled"] for m in result["models"]]
+    # Not refused (the adjustments are a few points), but flagged: the within-model spread of
+    # length is a fraction of a percent, and the 17 points between a and c shrink to about 2.
+    assert result["refused"] == [] and result["little_within_model_variation"]
+    assert raw[2] - raw[0] > 15 and abs(controlled[2] - controlled[0]) < 5
+    assert all(0 <= v <= 100 for m in result["models"] for v in (m["length_controlled"], *m["ci"]))
+
+
+def test_length_control_refuses_an_uncertain_slope_and_clips_to_the_scale():
+    rng = np.random.default_rng(0)
+    # 8 items, noisy scores, answers 1,800 characters apart: the slope's interval moves the
+    # scores by hundreds of points either way.
+    uncertain = length_controlled(rng.normal(60, 20, (8, 2)),
+                                  np.column_stack([rng.normal(2000, 100, 8), rng.normal(200, 100, 8)]))
+    assert uncertain["refused"] == ["slope too uncertain"]
+    assert all(m["length_controlled"] is None for m in uncertain["models"])
+    low, high = uncertain["models"][0]["adjustment_ci"]
+    assert high - low > 50
+    # A model at the ceiling with short answers, a judge that pays 0.05 points per character:
+    # at the reference length it would score above 100, so it is shown at 100, and says so.
+    lengths = np.column_stack([rng.normal(100, 40, 200), rng.normal(300, 60, 200)])
+    scores = np.column_stack([102 + rng.normal(0, 1.5, 200), 60 + rng.normal(0, 5, 200)]) + 0.05 * (lengths - 200)
+    top, other = length_controlled(np.clip(np.round(scores), 0, 100), lengths)["models"]
+    assert (top["length_controlled"], top["ci"], top["clipped"]) == (100.0, [100.0, 100.0], True)
+    assert not other["clipped"] and 55 < other["length_controlled"] < 65
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 A model fine-tuned several times (``ift.seeds``) has one answers file per replicate, its id
 ``<model>@seed<k>`` (``raygpt.stages.replicate_id``): each replicate is judged as a candidate
-of its own, and ``replicate_groups`` pools them back into their base model.
+of its own, and ``replicate_groups`` pools them back into their base model. ``judge.pools``
+pools base models further, those that differ only in their pretraining seed, into one scored
+entry (``scored_entries``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from raygpt.stages import EMPTY_ANCHOR, REFERENCE_ANCHOR, answers_dir, replicate
 from raygpt.storage import Storage, join
 
 ITEM_FIELDS = ("instruction", "input", "output", "response")
+MAX_ITEMS = 10_000
+"""Items an answers file may hold (the book's test split has 110, AlpacaEval 805): each is a
+judge call per pass and model, so more is a wrong file, not a plan."""
 
 
 @dataclass
@@ -55,7 +60,7 @@ def load_answer_sets(spec: RunSpec, storage: Storage) -> list[AnswerSet]:
             raise RaygptError(f"judge: {answers.uri} and {seen[answers.model]} both hold answers of model "
                               f"{answers.model!r}: judge each model once")
         seen[answers.model] = answers.uri
-    replicate_groups(sets)  # checks that no model is both a single run and replicates
+    scored_entries(sets, spec.judge.pools)  # checks the replicates and the pools before any call
     return sets
 
 
@@ -75,10 +80,46 @@ def replicate_groups(sets: list[AnswerSet]) -> dict[str, list[AnswerSet]]:
     return groups
 
 
+def scored_entries(sets: list[AnswerSet], pools: dict[str, list[str]]) -> dict[str, list[list[AnswerSet]]]:
+    """What is scored as one, by name: its base models (one, or a pool's, one per pretraining
+    seed, in the order the pool names them), each a list of its answer sets (one per
+    fine-tuning seed). A base model in no pool is an entry of its own, under its id; entries
+    come in the order their first answers file does. Every problem with ``pools`` is one error."""
+    groups = replicate_groups(sets)
+    owner: dict[str, str] = {}
+    problems = []
+    for name, members in pools.items():
+        if not members:
+            problems.append(f"judge.pools.{name}: names no base model")
+        if name.startswith("@"):
+            problems.append(f"judge.pools.{name}: a pool's name must not start with '@' (anchors use '@')")
+        elif name in groups and name not in members:
+            problems.append(f"judge.pools.{name}: {name!r} is also a judged model that the pool does not hold: "
+                            f"name the pool differently")
+        for member in members:
+            if member not in groups:
+                known = ", ".join(sorted(groups)[:20])
+                problems.append(f"judge.pools.{name}: {member!r} has no answers (judged base models: {known})")
+            elif member in owner:
+                problems.append(f"judge.pools.{name}: {member!r} is pooled in {owner[member]!r} already")
+            else:
+                owner[member] = name
+    if problems:
+        raise RaygptError("judge: " + "; ".join(problems))
+    entries: dict[str, list[list[AnswerSet]]] = {}
+    for group in groups:
+        name = owner.get(group, group)
+        if name not in entries:
+            entries[name] = [groups[member] for member in pools[name]] if name in pools else [groups[group]]
+    return entries
+
+
 def _read_answer_set(uri: str, storage: Storage) -> AnswerSet:
     data = storage.read_json(uri)
     if not isinstance(data, dict) or not isinstance(data.get("items"), list) or not data["items"]:
         raise RaygptError(f"{uri}: not an answers file (expected an object with a non-empty 'items' list)")
+    if len(data["items"]) > MAX_ITEMS:
+        raise RaygptError(f"{uri}: {len(data['items']):,} items, more than the {MAX_ITEMS:,} an answers file may hold")
     model = data.get("model") or PurePosixPath(uri).stem
     if not isinstance(model, str) or model.startswith("@"):
         raise RaygptError(f"{uri}: model id {model!r} must be a string not starting with '@' (anchors use '@')")

@@ -14,19 +14,16 @@ from __future__ import annotations
 
 import json
 import time
-from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 from raygpt.config import RunSpec, without_userinfo
 from raygpt.errors import RaygptError
+from raygpt.judge.calls import JudgeCall
 from raygpt.judge.client import JudgeCache, JudgeEndpoint, Outcome, Usage
 from raygpt.judge.prompts import LABELS, TEMPLATES, ReplyError
 from raygpt.stages import judge_dir
 from raygpt.storage import Storage, join
-
-if TYPE_CHECKING:  # run.py plans the calls and hands them here
-    from raygpt.judge.run import JudgeCall
 
 BATCH_STATE_FILE = "batch.json"
 CHAT_ENDPOINT = "/v1/chat/completions"

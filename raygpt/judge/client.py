@@ -1,25 +1,28 @@
 """Talking to the judge: an OpenAI-compatible endpoint, retried, cached, and accounted for.
 
 - ``JudgeEndpoint`` wraps ``openai.OpenAI`` (OpenAI itself, or any ``base_url``: vLLM, Ollama,
-  a llama.cpp server). The client's own retries are off; ours back off exponentially with
-  jitter on 429, 5xx and timeouts (honouring ``Retry-After``), retry unparseable replies, and
-  then give up on that one judgement with a recorded reason. A preflight proves the key is
-  set, the endpoint answers and the model is served, before any judging.
+  a llama.cpp server). HTTP failures are the client's to retry (``max_retries``: 408, 409,
+  429, 5xx, timeouts and dropped connections, with exponential backoff that honours
+  ``Retry-After``); raygpt asks again only when a reply does not parse, stops at once on an
+  exhausted quota (OpenAI's 429 ``insufficient_quota``, which the client is told not to retry)
+  and, once the run aborts, lets no request leave. A judgement that still fails is given up
+  with a recorded reason. A preflight proves the key is set, the endpoint answers and the
+  model is served, before any judging.
 - ``JudgeCache``: one JSON file per judgement, keyed by the sha256 of everything that shapes
   the reply (who the judge is, judge model, template version, full prompt, sampling settings),
   written atomically. A re-run costs nothing; an interrupted run resumes where it stopped.
   Who the judge is (``judge_identity``) leaves the address out: the same server reached on
   another port or host name reuses its judgements, while another server that lists the model
   differently does not. Entries of older caches, keyed by the address, are still read.
-- ``Usage`` and ``PRICES``: tokens spent and what they cost, estimated per model.
+- ``Usage``, ``PRICES`` and ``BATCH_DISCOUNT``: tokens spent and what they cost, estimated per model.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import random
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,6 +34,8 @@ from raygpt.config import JudgeConfig, without_userinfo
 from raygpt.errors import RaygptError
 from raygpt.judge.prompts import ReplyError, Score
 from raygpt.storage import Storage, join
+
+logger = logging.getLogger(__name__)
 
 # USD per million tokens (input, output), OpenAI list prices. Dated snapshots
 # (gpt-4o-mini-2024-07-18) match their family by prefix; unknown models cost "n/a".
@@ -51,6 +56,10 @@ PRICES: dict[str, tuple[float, float]] = {
 }
 
 
+BATCH_DISCOUNT = 0.5
+"""What the Batch API charges per token, as a share of the price of a direct call (OpenAI's)."""
+
+
 def price_of(model: str, config: JudgeConfig) -> tuple[float, float] | None:
     """(input, output) USD per 1M tokens: the spec's override, else the longest matching prefix."""
     if config.price_input_per_mtok is not None and config.price_output_per_mtok is not None:
@@ -58,6 +67,9 @@ def price_of(model: str, config: JudgeConfig) -> tuple[float, float] | None:
     matches = [name for name in PRICES if model == name or model.startswith(name + "-")]
     return PRICES[max(matches, key=len)] if matches else None
 
+
+QUOTA = "insufficient_quota"
+"""OpenAI's error code for an account without credit (sent with status 429)."""
 
 # Request parameters a 400 may name, and the spec key that sets each.
 SETTING_KEYS = {"max_completion_tokens": "judge.max_tokens", "max_tokens": "judge.max_tokens",
@@ -84,6 +96,11 @@ class Usage:
         return (self.prompt_tokens * price[0] + self.completion_tokens * price[1]) / 1e6
 
 
+def format_cost(cost: Any) -> str:
+    """A cost estimate in dollars for the terminal; "n/a" where the price is unknown."""
+    return "n/a" if cost is None or cost == "n/a" else f"${cost:.4f}"
+
+
 @dataclass
 class Outcome:
     """One judgement: the scores by label, or why there are none."""
@@ -103,13 +120,23 @@ class EndpointGone(RaygptError):
     judging stops, and what is cached so far is kept for the re-run."""
 
 
+class _Aborted(openai.OpenAIError):
+    """Raised in place of sending a request once the run is aborting (the client passes its own
+    error type through without retrying it)."""
+
+
 class JudgeEndpoint:
-    """One judge model behind an OpenAI-compatible API, with our retry policy."""
+    """One judge model behind an OpenAI-compatible API: the client retries HTTP failures, this
+    asks again for unparseable replies (``complete``)."""
 
     def __init__(self, config: JudgeConfig):
         self.config = config
         self.stopping = threading.Event()
-        """Set when the run is aborting: calls in their backoff stop waiting and give up."""
+        """Set when the run is aborting: no request is sent after it, and none is retried."""
+        self._sent = threading.local()
+        """Requests sent by this thread for the call it is making: the client retries unseen."""
+        self._retry_waits: set[int] = set()
+        """Threads whose last response the client will retry after a wait (the ids)."""
         self._structured = config.structured_output
         self._lock = threading.Lock()
         if config.api_key_env:
@@ -121,9 +148,60 @@ class JudgeEndpoint:
         else:
             api_key = "no-key"  # local servers (vLLM, Ollama, llama.cpp) ignore it, the client needs one
         self._secret = api_key if config.api_key_env else None
-        self.client = openai.OpenAI(base_url=config.base_url, api_key=api_key, max_retries=0,
-                                    timeout=config.timeout_s)
+        base_url = config.base_url
+        if self._secret and base_url and without_userinfo(base_url) != base_url:
+            # One Authorization header: the API key, which is what the endpoint's protocol defines.
+            logger.warning("judge.base_url carries a user:password; the API key in $%s is sent instead "
+                           "(judge.api_key_env: '' sends the URL's credentials)", config.api_key_env)
+            base_url = without_userinfo(base_url)
+        http = openai.DefaultHttpxClient(event_hooks={"request": [self._before_sending],
+                                                       "response": [self._on_response]})
+        self.client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=config.max_retries,
+                                    timeout=config.timeout_s, http_client=http)
         self.where = without_userinfo(str(self.client.base_url).rstrip("/"))  # a URL may carry user:password
+
+    # -- what the client sends and may retry ---------------------------------------------------
+
+    def _before_sending(self, request) -> None:
+        self._retry_waits.discard(threading.get_ident())
+        if self.stopping.is_set():
+            raise _Aborted("judging stopped: the run was aborted")
+        self._sent.count = getattr(self._sent, "count", 0) + 1
+
+    def _on_response(self, response) -> None:
+        """Tell the client (by OpenAI's ``x-should-retry`` header) not to retry once the run is
+        aborting, nor an exhausted quota: OpenAI answers 429 for a rate limit and for an empty
+        account alike, and waiting refills only the first. Note which threads will wait to retry."""
+        if self.stopping.is_set():
+            response.headers["x-should-retry"] = "false"
+        elif response.status_code == 429:
+            response.read()
+            try:
+                error = response.json().get("error") or {}
+            except (ValueError, AttributeError):
+                error = {}
+            if isinstance(error, dict) and QUOTA in (error.get("code"), error.get("type")):
+                response.headers["x-should-retry"] = "false"
+        retried = response.status_code in (408, 409, 429) or response.status_code >= 500
+        if retried and response.headers.get("x-should-retry") != "false":
+            self._retry_waits.add(threading.get_ident())
+
+    def waiting_to_retry(self) -> int:
+        """How many threads are asleep in the client's backoff, about to retry: once the run
+        aborts, they will send nothing when they wake, so nobody need wait for them."""
+        return len(self._retry_waits)
+
+    def _counting(self, request: Callable[[], Any]) -> tuple[Any, int]:
+        """``request()``'s result and how many HTTP requests it took; an error is raised with
+        the count in its ``raygpt_attempts``."""
+        self._sent.count = 0
+        try:
+            return request(), self._sent.count
+        except openai.OpenAIError as e:
+            e.raygpt_attempts = self._sent.count
+            raise
+        finally:
+            self._retry_waits.discard(threading.get_ident())
 
     # -- preflight --------------------------------------------------------------------------
 
@@ -132,24 +210,20 @@ class JudgeEndpoint:
         not serve the judge model. Returns what the endpoint lists about the model (its
         /v1/models entry), None when it lists no models."""
         model = self.config.model
-        for attempt in range(self.config.max_retries + 1):
-            try:
-                listed = [m.to_dict() for m in self.client.models.list().data]
-                break
-            except openai.AuthenticationError:
-                raise RaygptError(f"judge endpoint {self.where} rejected the key in ${self.config.api_key_env} "
-                                  f"(401): check it") from None
-            except openai.NotFoundError:
-                return None  # some servers do not list models; the first call will say if the model is missing
-            except (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError) as e:
-                if attempt == self.config.max_retries:
-                    raise RaygptError(f"judge endpoint {self.where} keeps failing ({self._describe(e)}): try again later") from None
-                time.sleep(self._backoff(attempt, e))
-            except openai.APIConnectionError:
-                raise RaygptError(f"judge endpoint {self.where} cannot be reached: check judge.base_url and "
-                                  f"that the server is running") from None
-            except openai.APIStatusError as e:
-                raise RaygptError(f"judge endpoint {self.where}: listing models failed ({self._describe(e)})") from None
+        try:
+            listed = [m.to_dict() for m in self.client.models.list().data]
+        except openai.AuthenticationError:
+            raise RaygptError(f"judge endpoint {self.where} rejected the key in ${self.config.api_key_env} "
+                              f"(401): check it") from None
+        except openai.NotFoundError:
+            return None  # some servers do not list models; the first call will say if the model is missing
+        except (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError) as e:
+            raise RaygptError(f"judge endpoint {self.where} keeps failing ({self._describe(e)}): try again later") from None
+        except openai.APIConnectionError:
+            raise RaygptError(f"judge endpoint {self.where} cannot be reached: check judge.base_url and "
+                              f"that the server is running") from None
+        except openai.APIStatusError as e:
+            raise RaygptError(f"judge endpoint {self.where}: listing models failed ({self._describe(e)})") from None
         # Ollama lists "llama3:latest" for "llama3".
         for name in (model, f"{model}:latest"):
             for entry in listed:
@@ -163,99 +237,93 @@ class JudgeEndpoint:
 
     def complete(self, messages: list[dict], response_format: dict | None, seed: int,
                  parse: Callable[[str], dict[str, Score]]) -> Outcome:
-        """Ask until a reply parses, or the retries run out (a failure, with its reason)."""
+        """Ask until a reply parses, or the retries run out (a failure, with its reason). Each
+        request is the client's to retry on HTTP failures; a reply that does not parse is asked
+        again, up to ``judge.max_retries`` times, with no wait (the endpoint is fine, the reply
+        was not). ``attempts`` counts every HTTP request made."""
         usage = Usage()
-        problem, transient_error = "", None
-        attempt = 0
-        while attempt <= self.config.max_retries:
-            if self.stopping.is_set():
-                return Outcome(None, None, attempt, usage, failure="stopped: the run was aborted")
-            attempt += 1
+        attempts, problem = 0, ""
+        for _ in range(self.config.max_retries + 1):
             kwargs = self._request(messages, response_format, seed)
-            try:
-                response = self.client.chat.completions.create(**kwargs)
-            except openai.BadRequestError as e:
-                if "response_format" in kwargs:
+            while True:
+                if self.stopping.is_set():
+                    return Outcome(None, None, attempts, usage, failure="stopped: the run was aborted")
+                try:
+                    response, sent = self._counting(lambda: self.client.chat.completions.create(**kwargs))
+                    attempts += sent
+                    break
+                except openai.OpenAIError as e:
+                    attempts += e.raygpt_attempts
+                    if not (isinstance(e, openai.BadRequestError) and "response_format" in kwargs):
+                        return self._failed(e, attempts, usage)
                     # The endpoint does not do structured output: ask for JSON in words only
                     # (the template already does) and validate as always. Not a retry.
                     with self._lock:
                         self._structured = False
-                    attempt -= 1
-                    continue
-                message = str(e).lower()
-                for parameter, key in SETTING_KEYS.items():
-                    if parameter in message:
-                        # A setting the endpoint refuses fails every call alike: stop, say which.
-                        raise EndpointGone(f"judge endpoint {self.where} refuses {parameter} for model "
-                                           f"{self.config.model!r} ({self._describe(e)}): change {key}") from None
-                return Outcome(None, None, attempt, usage, failure=f"request rejected: {self._describe(e)}")
-            except openai.AuthenticationError:
-                raise EndpointGone(f"judge endpoint {self.where} rejected the key in ${self.config.api_key_env} (401)") from None
-            except openai.PermissionDeniedError as e:
-                raise EndpointGone(f"judge endpoint {self.where} refused access ({self._describe(e)})") from None
-            except openai.NotFoundError as e:
-                raise EndpointGone(f"judge endpoint {self.where}: model {self.config.model!r} not found "
-                                   f"({self._describe(e)})") from None
-            except openai.RateLimitError as e:
-                if getattr(e, "code", None) == "insufficient_quota":
-                    # OpenAI says 429 for an empty account too; waiting will not refill it.
-                    raise EndpointGone(f"judge endpoint {self.where}: the account's quota is used up "
-                                       f"({self._describe(e)})") from None
-                problem, transient_error = self._describe(e), e
-                if attempt <= self.config.max_retries:
-                    self.stopping.wait(self._backoff(attempt - 1, e))
-                continue
-            except (openai.APIConnectionError, openai.APIStatusError) as e:
-                # 429, 5xx, 408/409, timeouts and dropped connections pass; anything else will not.
-                status = getattr(e, "status_code", None)
-                if status is not None and status not in (408, 409, 429) and status < 500:
-                    return Outcome(None, None, attempt, usage, failure=f"request rejected: {self._describe(e)}")
-                problem, transient_error = self._describe(e), e
-                if attempt <= self.config.max_retries:
-                    self.stopping.wait(self._backoff(attempt - 1, e))
-                continue
-            transient_error = None
+                    kwargs = self._request(messages, response_format, seed)
             if response.usage is not None:
                 usage.add(Usage(response.usage.prompt_tokens or 0, response.usage.completion_tokens or 0))
             reply = response.choices[0].message.content if response.choices else None
             try:
                 if not reply:
                     raise ReplyError("empty reply")
-                return Outcome(parse(reply), reply, attempt, usage)
+                return Outcome(parse(reply), reply, attempts, usage)
             except ReplyError as e:
-                # No backoff: the endpoint is fine, the reply was not.
                 problem = f"unparseable reply: {e}"
-        if isinstance(transient_error, openai.APIConnectionError) and not isinstance(transient_error, openai.APITimeoutError):
-            raise EndpointGone(f"judge endpoint {self.where} cannot be reached any more ({problem})")
-        return Outcome(None, None, attempt, usage, failure=f"{problem} (after {attempt} attempts)")
+        return Outcome(None, None, attempts, usage, failure=f"{problem} (after {attempts} attempts)")
+
+    def _failed(self, error: openai.OpenAIError, attempts: int, usage: Usage) -> Outcome:
+        """The outcome of a request the client gave up on; EndpointGone where no other call can
+        fare better (the key, access, the model, a setting, the quota, the server gone)."""
+        if self.stopping.is_set() or isinstance(error, _Aborted):
+            return Outcome(None, None, attempts, usage, failure="stopped: the run was aborted")
+        self._raise_if_gone(error)
+        if isinstance(error, openai.BadRequestError):
+            message = str(error).lower()
+            for parameter, key in SETTING_KEYS.items():
+                if parameter in message:
+                    # A setting the endpoint refuses fails every call alike: stop, say which.
+                    raise EndpointGone(f"judge endpoint {self.where} refuses {parameter} for model "
+                                       f"{self.config.model!r} ({self._describe(error)}): change {key}") from None
+        if isinstance(error, openai.APIConnectionError) and not isinstance(error, openai.APITimeoutError):
+            raise EndpointGone(f"judge endpoint {self.where} cannot be reached any more "
+                               f"({self._describe(error)}, after {attempts} attempts)") from None
+        status = getattr(error, "status_code", None)
+        if status is not None and status not in (408, 409, 429) and status < 500:
+            return Outcome(None, None, attempts, usage, failure=f"request rejected: {self._describe(error)}")
+        return Outcome(None, None, attempts, usage, failure=f"{self._describe(error)} (after {attempts} attempts)")
+
+    def _raise_if_gone(self, error: openai.OpenAIError, what: str = "") -> None:
+        """EndpointGone for what fails every call alike: the key, access, the model, the quota."""
+        if isinstance(error, openai.AuthenticationError):
+            raise EndpointGone(f"judge endpoint {self.where} rejected the key in ${self.config.api_key_env} (401)") from None
+        if isinstance(error, openai.PermissionDeniedError):
+            raise EndpointGone(f"judge endpoint {self.where} refused access ({self._describe(error)})") from None
+        if isinstance(error, openai.NotFoundError) and not what:
+            raise EndpointGone(f"judge endpoint {self.where}: model {self.config.model!r} not found "
+                               f"({self._describe(error)})") from None
+        if isinstance(error, openai.RateLimitError) and QUOTA in (getattr(error, "code", None),
+                                                                    getattr(error, "type", None)):
+            raise EndpointGone(f"judge endpoint {self.where}: the account's quota is used up "
+                               f"({self._describe(error)})") from None
 
     def api(self, what: str, request: Callable[[], Any], missing_ok: bool = False) -> Any:
-        """One request of the Batch API (upload, create, poll, download), retried as a chat call
-        is on rate limits, server errors, timeouts and dropped connections; anything else stops
-        the run naming ``what``. ``missing_ok``: None for a 404 (a batch the endpoint does not know)."""
-        attempt = 0
-        while True:
-            try:
-                return request()
-            except openai.AuthenticationError:
-                raise EndpointGone(f"judge endpoint {self.where} rejected the key in ${self.config.api_key_env} (401)") from None
-            except openai.PermissionDeniedError as e:
-                raise EndpointGone(f"judge endpoint {self.where} refused access ({self._describe(e)})") from None
-            except openai.NotFoundError as e:
-                if missing_ok:
-                    return None
-                raise EndpointGone(f"judge endpoint {self.where}: {what} failed ({self._describe(e)}); does it "
-                                   f"serve the Batch API? (judge.batch: false sends direct calls)") from None
-            except (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError) as e:
-                if getattr(e, "code", None) == "insufficient_quota":
-                    raise EndpointGone(f"judge endpoint {self.where}: the account's quota is used up "
-                                       f"({self._describe(e)})") from None
-                if attempt >= self.config.max_retries or self.stopping.is_set():
-                    raise EndpointGone(f"judge endpoint {self.where}: {what} keeps failing ({self._describe(e)})") from None
-                self.stopping.wait(self._backoff(attempt, e))
-                attempt += 1
-            except openai.APIStatusError as e:
-                raise RaygptError(f"judge endpoint {self.where}: {what} failed ({self._describe(e)})") from None
+        """One request of the Batch API (upload, create, poll, download), retried by the client
+        as a chat call is; what still fails stops the run naming ``what``. ``missing_ok``: None
+        for a 404 (a batch the endpoint does not know)."""
+        try:
+            return request()
+        except openai.NotFoundError as e:
+            if missing_ok:
+                return None
+            raise EndpointGone(f"judge endpoint {self.where}: {what} failed ({self._describe(e)}); does it "
+                               f"serve the Batch API? (judge.batch: false sends direct calls)") from None
+        except (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError) as e:
+            self._raise_if_gone(e, what)
+            raise EndpointGone(f"judge endpoint {self.where}: {what} keeps failing ({self._describe(e)})") from None
+        except openai.APIStatusError as e:
+            self._raise_if_gone(e, what)
+            raise RaygptError(f"judge endpoint {self.where}: {what} failed ({self._describe(e)})") from None
 
     def redact(self, text: str) -> str:
         """``text`` (an error message the endpoint sent) with the API key blanked out."""
@@ -280,29 +348,6 @@ class JudgeEndpoint:
         """``_describe`` with the key blanked out: some servers and proxies echo the key they
         were sent in their error text, which ends up in messages and judgement records."""
         return _describe(error, self._secret)
-
-    def _backoff(self, attempt: int, error: Exception) -> float:
-        """Exponential with full jitter, never shorter than the server's Retry-After."""
-        delay = min(self.config.backoff_max_s, self.config.backoff_s * 2 ** attempt) * random.uniform(0.5, 1.0)
-        retry_after = _retry_after_s(error)
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, self.config.backoff_max_s))
-        return delay
-
-
-def _retry_after_s(error: Exception) -> float | None:
-    response = getattr(error, "response", None)
-    if response is None:
-        return None
-    for header, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
-        value = response.headers.get(header)
-        if value is not None:
-            try:
-                return float(value) * scale
-            except ValueError:
-                return None  # an HTTP date: rare from LLM servers; exponential backoff covers it
-    return None
-
 
 def _describe(error: Exception, secret: str | None = None) -> str:
     status = getattr(error, "status_code", None)

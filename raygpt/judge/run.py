@@ -10,14 +10,15 @@ answer itself (should score high) and an empty answer (should score low).
 What comes out, under ``<judge.output or storage_path/judge>``:
 - ``judgements.jsonl``: every call (item, pass, order, label -> model, scores, reasons, raw
   reply, attempts, cached or not, tokens, the batch that answered it);
-- ``summary.json``: the statistics of ``summary``: per base model the mean score and its 95%
-  interval (with the fine-tuning seed variance when it has replicates), letters for the models
-  that cannot be told apart, every pair's difference, where the noise comes from, the
-  length-controlled score; the anchors and their warnings; the judge's agreement between
-  passes and its position bias; tokens and cost.
+- ``summary.json``: the statistics of ``summary``: per base model (or pool of base models,
+  ``judge.pools``) the mean score and its 95% interval (with the seed variance when it has
+  several runs), letters for the models that cannot be told apart, every pair's difference,
+  where the noise comes from, the length-controlled score; the anchors and their warnings; the
+  judge's agreement between passes and its position bias; tokens and cost.
 
-The calls go one by one (``judge.concurrency`` at a time) or, with ``judge.batch``, through the
-Batch API (``batch``); either way each reply is parsed, validated and cached alike.
+The calls (planned in ``calls``) go one by one (``judge.concurrency`` at a time) or, with
+``judge.batch``, through the Batch API (``batch``); either way each reply is parsed, validated
+and cached alike.
 
 A judgement that still fails after its retries is counted, never averaged in as a zero: an
 item with no score for a model leaves that model's mean (each item's score is the mean of its
@@ -27,101 +28,35 @@ passes that succeeded), and the count shows how many items did.
 from __future__ import annotations
 
 import json
+import queue
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from typing import Any, Callable
 
-import numpy as np
 from rich.console import Console
 from rich.progress import Progress
 
 from raygpt.config import RunSpec
-from raygpt.errors import RaygptError
-from raygpt.judge.answers import AnswerSet, answer_of, candidates_of, check_aligned, load_answer_sets
+from raygpt.judge.answers import check_aligned, load_answer_sets
 from raygpt.judge.batch import judge_in_batch
+from raygpt.judge.calls import JudgeCall, plan_calls
 from raygpt.judge.client import (
+    BATCH_DISCOUNT,
     EndpointGone,
     JudgeCache,
     JudgeEndpoint,
     Outcome,
     Usage,
+    format_cost,
     judge_identity,
     price_of,
-    sampling_settings,
 )
-from raygpt.judge.prompts import LABELS, TEMPLATES, ReplyError
-from raygpt.judge.summary import BATCH_DISCOUNT, _money, render_summary, summarize
+from raygpt.judge.prompts import TEMPLATES, ReplyError
+from raygpt.judge.summary import summarize
+from raygpt.judge.wording import render_summary
 from raygpt.stages import JUDGE_SUMMARY_FILE, JUDGEMENTS_FILE, judge_dir
 from raygpt.storage import Storage, join
-
-
-@dataclass
-class JudgeCall:
-    """One request to the judge: which answers, in which order, and its cache key."""
-
-    pass_index: int
-    item_index: int
-    order: list[str]
-    """Candidate ids (models and anchors) in the order shown, labelled A, B, C..."""
-    messages: list[dict]
-    response_format: dict | None
-    seed: int
-    key: str
-    """The cache key the reply is written under."""
-    fallback_key: str | None = None
-    """A key an older cache may hold the reply under (the address's), read when ``key`` is absent."""
-    variant: int = 0
-    """The template's wording for this pass (``SinglePrompt.variants``)."""
-
-    @property
-    def labels(self) -> list[str]:
-        return list(LABELS[: len(self.order)])
-
-
-def presentation_orders(candidates: list[str], items: int, passes: int, seed: int) -> list[list[list[str]]]:
-    """orders[pass][item]: a random order per item (seeded by seed and item), rotated by one
-    place per pass, so that across passes each answer meets other positions (a Latin square
-    when passes equals the number of candidates) and position bias averages out."""
-    orders: list[list[list[str]]] = [[] for _ in range(passes)]
-    for item in range(items):
-        base = [candidates[i] for i in np.random.default_rng([seed, item]).permutation(len(candidates))]
-        for p in range(passes):
-            shift = p % len(base)
-            orders[p].append(base[shift:] + base[:shift])
-    return orders
-
-
-def plan_calls(spec: RunSpec, sets: list[AnswerSet], identity: str | None = None) -> list[JudgeCall]:
-    """Every judge call of the run, in a fixed order, each with its cache keys: by the judge's
-    ``identity`` (falling back to the address's key of older caches), or by the address alone
-    when the identity is not known."""
-    config = spec.judge
-    template = TEMPLATES[config.mode]()
-    template_id = f"{template.name}/{template.version}"
-    by_model = {s.model: s for s in sets}
-    items = sets[0].items
-    candidates = candidates_of(sets, config.anchors)
-    if config.mode == "comparative" and len(candidates) > len(LABELS):
-        raise RaygptError(f"judge: {len(candidates)} candidates per item, at most {len(LABELS)} fit one comparative "
-                          f"call: judge fewer models at once or use judge.mode=single")
-    calls = []
-    orders = presentation_orders(candidates, len(items), config.passes, config.seed)
-    for p in range(config.passes):
-        seed = config.seed + p
-        variant = p % template.variants
-        settings = sampling_settings(config, seed)
-        for i, item in enumerate(items):
-            groups = [orders[p][i]] if config.mode == "comparative" else [[c] for c in candidates]
-            for order in groups:
-                answers = [answer_of(c, i, by_model, item) for c in order]
-                messages = template.messages(item, answers, variant)
-                described = (config.model, template_id, messages, settings)
-                address_key = JudgeCache.address_key(config.base_url, *described)
-                key = JudgeCache.key(identity, *described) if identity else address_key
-                calls.append(JudgeCall(p, i, order, messages, template.response_format(list(LABELS[: len(order)])),
-                                       seed, key, address_key if identity else None, variant))
-    return calls
 
 
 def read_cached(calls: list[JudgeCall], spec: RunSpec, cache: JudgeCache, console: Console,
@@ -158,27 +93,57 @@ def judge_calls(calls: list[JudgeCall], spec: RunSpec, cache: JudgeCache, endpoi
                       {"template": template_id, "model": spec.judge.model, "seed": call.seed, "judge": identity})
         return outcome
 
-    return _in_parallel(judge_one, calls, spec.judge.concurrency, console, "judging", on_abort=endpoint.stopping.set)
+    return _in_parallel(judge_one, calls, spec.judge.concurrency, console, "judging", endpoint)
 
 
 def _in_parallel(work: Callable[[JudgeCall], Any], calls: list[JudgeCall], concurrency: int, console: Console,
-                 what: str, on_abort: Callable[[], None] | None = None) -> list:
+                 what: str, endpoint: JudgeEndpoint | None = None) -> list:
+    """``work(call)`` for every call, ``concurrency`` at a time, in daemon threads. An error
+    (the endpoint gone) or Ctrl-C stops the run: no call starts after it, the ``endpoint``
+    sends no request more, the calls in flight are waited for (what they get is cached) and
+    the error is raised. A call asleep in the openai client's backoff is not waited for: the
+    client's sleep cannot be cut short, and when it wakes it sends nothing and its thread
+    (a daemon, which never holds up the process's exit) ends."""
     results: list = [None] * len(calls)
+    pending = iter(enumerate(calls))
+    lock, stopped = threading.Lock(), threading.Event()
+    working = [0]  # calls taken and not yet finished
+    finished: queue.Queue = queue.Queue()
+
+    def worker() -> None:
+        while not stopped.is_set():
+            with lock:
+                index, call = next(pending, (None, None))
+                working[0] += call is not None
+            if call is None:
+                return
+            try:
+                outcome = (index, work(call), None)
+            except BaseException as error:  # handed to the main thread, which raises it
+                stopped.set()
+                outcome = (index, None, error)
+            with lock:
+                working[0] -= 1
+            finished.put(outcome)
+
     with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task(what, total=len(calls))
-        pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="judge")
+        for _ in range(min(concurrency, len(calls))):
+            threading.Thread(target=worker, name="judge", daemon=True).start()
         try:
-            futures = {pool.submit(work, call): index for index, call in enumerate(calls)}
-            for future in as_completed(futures):
-                results[futures[future]] = future.result()
+            for _ in calls:
+                index, result, error = finished.get()
+                if error is not None:
+                    raise error
+                results[index] = result
                 progress.advance(task)
         except BaseException:
-            # The endpoint gone, or Ctrl-C: start nothing new, cut backoffs short; what finished is cached.
-            if on_abort is not None:
-                on_abort()
-            pool.shutdown(wait=True, cancel_futures=True)
+            stopped.set()
+            if endpoint is not None:
+                endpoint.stopping.set()
+                while working[0] > endpoint.waiting_to_retry():
+                    time.sleep(0.05)
             raise
-        pool.shutdown(wait=True)
     return results
 
 
@@ -209,7 +174,7 @@ def run_judge(spec: RunSpec, storage: Storage, console: Console | None = None, d
     if dry_run:
         plan = dry_run_plan([calls[i] for i in _first_of_key(calls, missing).values()], len(calls), spec)
         console.print(f"judge (dry run): {plan['calls']} calls, {plan['cached']} cached, {plan['to_make']} to make, "
-                      f"~{plan['input_tokens_estimate']:,} input tokens, est. cost {_money(plan['cost_estimate_usd'])}")
+                      f"~{plan['input_tokens_estimate']:,} input tokens, est. cost {format_cost(plan['cost_estimate_usd'])}")
         return plan
     output = judge_dir(spec)
     storage.check_access(output, write=True)

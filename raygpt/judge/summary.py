@@ -1,22 +1,27 @@
-"""The statistics of a judge run (``summary.json``), and their terminal table.
+"""The statistics of a judge run (``summary.json``), the numbers from ``raygpt.stats``, the words from ``wording``.
 
-Per base model (its replicates pooled when ``ift.seeds`` fine-tuned it several times):
+Per scored entry: a base model (its fine-tuning replicates pooled when ``ift.seeds``
+fine-tuned it several times), or a pool of base models that differ only in their pretraining
+seed (``judge.pools``), all their runs pooled:
 
 - the mean score and its 95% interval: a bootstrap over items for a model fine-tuned once;
-  with replicates, a t interval that includes the seed-to-seed variance (``stats.mean_ci``),
-  beside the items-only one;
-- where its noise comes from: items, fine-tuning seeds, seed x item, judge passes
-  (``stats.variance_components``);
-- its mean answer length (characters) and a length-controlled score (``stats.length_controlled``,
-  against the reference anchor when anchors are on, else the mean over models);
-- letters: two models share one exactly when they cannot be told apart.
+  with several runs, an interval that includes the seed variance (both levels for a pool;
+  ``stats.variance.mean_ci``), beside the items-only one (and for a pool, the one that holds
+  its pretraining seeds fixed);
+- where its noise comes from: items, pretraining seeds, fine-tuning seeds, their
+  interactions with items, judge passes (``stats.variance.variance_components``);
+- its mean answer length (characters) and a length-controlled score with its interval
+  (``stats.judge_checks.length_controlled``, against the reference anchor when anchors are on,
+  else the mean over models), withheld where the fit cannot be trusted;
+- letters: two entries share one exactly when they cannot be told apart.
 
 For every pair: the mean difference over items with a paired bootstrap interval and a
-Holm-adjusted p-value; with replicates also whether it survives fine-tuning noise
-(``stats.paired_seed_robust``). For the judge itself: how well its passes agree on the same
-answers (``stats.item_agreement``, the informative one) beside the agreement of the per-pass
-model means (which averages the noise away over items); the position bias estimated from the
-models only, with its interval and its noise floor; warnings when the anchors misbehave.
+Holm-adjusted p-value; with several runs also whether it survives the seed noise
+(``stats.variance.paired_seed_robust``). For the judge itself: how well its passes agree on
+the same answers (``stats.judge_checks.item_agreement``, the informative one) beside the
+agreement of the per-pass model means (which averages the noise away over items); the
+position bias estimated from the models only, with its interval and its noise floor;
+warnings when the anchors misbehave.
 """
 
 from __future__ import annotations
@@ -26,38 +31,25 @@ import math
 import time
 import warnings
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-from rich.console import Console
-from rich.table import Table
 
-from raygpt.config import RunSpec, spec_to_dict, without_userinfo
-from raygpt.judge.answers import AnswerSet, answer_of, candidates_of, replicate_groups
-from raygpt.judge.client import Outcome, Usage, price_of
+from raygpt.config import RunSpec, recorded_spec, without_userinfo
+from raygpt.judge.answers import AnswerSet, answer_of, candidates_of, scored_entries
+from raygpt.judge.calls import JudgeCall
+from raygpt.judge.client import BATCH_DISCOUNT, Outcome, Usage, price_of
 from raygpt.judge.prompts import TEMPLATES
+from raygpt.judge.wording import LEVEL, length_sentences, pair_sentence, seed_robust_sentence, variance_notes
 from raygpt.stages import EMPTY_ANCHOR, REFERENCE_ANCHOR
-from raygpt.stats import (
-    bootstrap_mean_ci,
-    compact_letter_display,
-    holm_adjust,
-    item_agreement,
-    kendall_tau_b,
-    length_controlled,
-    mean_ci,
-    paired_differences,
-    paired_seed_robust,
-    position_bias,
-    rounded,
-    spearman,
-    variance_components,
-)
+from raygpt.stats.judge_checks import item_agreement, length_controlled, position_bias
+from raygpt.stats.multiple_comparisons import compact_letter_display, holm_adjust
+from raygpt.stats.ranks import kendall_tau_b, spearman
+from raygpt.stats.resampling import bootstrap_mean_ci, paired_differences
+from raygpt.stats.values import rounded
+from raygpt.stats.variance import paired_seed_robust, variance_components
 
-if TYPE_CHECKING:  # run.py plans the calls and imports this module to summarise them
-    from raygpt.judge.run import JudgeCall
-
-SUMMARY_FORMAT = "raygpt-judge-summary/2"
-LEVEL = 0.95
+SUMMARY_FORMAT = "raygpt-judge-summary/3"
 
 SAMPLES_PER_PAIR = 160
 """The paired comparisons resample items at least this many times per pair of models: a
@@ -68,9 +60,6 @@ out significant. 160 per pair keeps that floor under a quarter of 0.05."""
 EMPTY_ANCHOR_CEILING = 20.0
 """An empty answer that averages this much or more is a judge not reading the answers (the
 comparative rubric puts it at 0-9)."""
-
-BATCH_DISCOUNT = 0.5
-"""What the Batch API charges per token, as a share of the price of a direct call (OpenAI's)."""
 
 
 def summarize(spec: RunSpec, sets: list[AnswerSet], calls: list[JudgeCall], outcomes: list[Outcome],
@@ -117,17 +106,16 @@ def summarize(spec: RunSpec, sets: list[AnswerSet], calls: list[JudgeCall], outc
             "item_scores": [rounded(v) for v in per_item[:, k]],
         }
 
-    groups = replicate_groups(sets)
-    models, cubes, group_items, group_lengths = [], {}, {}, {}
-    for name, members in groups.items():
-        entry, cube, items, length = _group_entry(name, members, column, scores, per_item, lengths, stats_of, config)
+    observed = Observed(column, scores, per_item, lengths, stats_of)
+    models, cubes, entry_items, entry_lengths = [], {}, {}, {}
+    for name, members in scored_entries(sets, config.pools).items():
+        entry, cubes[name], entry_items[name], entry_lengths[name] = _entry(name, members, name in config.pools,
+                                                                            observed, config)
         models.append(entry)
-        cubes[name], group_items[name], group_lengths[name] = cube, items, length
-    length_coefficient = _add_length_control(models, group_items, group_lengths, per_item, lengths, column,
-                                             config.anchors)
+    length = _add_length_control(models, entry_items, entry_lengths, per_item, lengths, column, config)
     models.sort(key=lambda m: -m["mean"] if m["mean"] is not None else float("inf"))
     anchors = {a: stats_of(a) for a in (REFERENCE_ANCHOR, EMPTY_ANCHOR)} if config.anchors else {}
-    comparisons = compare(models, group_items, cubes, config.bootstrap_samples, config.seed)
+    comparisons = compare(models, entry_items, cubes, config.bootstrap_samples, config.seed)
     for m in models:
         m["letters"] = comparisons["letters"][m["model"]]
 
@@ -155,8 +143,7 @@ def summarize(spec: RunSpec, sets: list[AnswerSet], calls: list[JudgeCall], outc
         "ranking": [m["model"] for m in models],
         "letters": comparisons.pop("letters"),
         "comparisons": comparisons,
-        "length": {"unit": "characters", "reference": "@reference anchor" if config.anchors else "mean over models",
-                   "score_points_per_unit": length_coefficient},
+        "length": length,
         "anchors": anchors,
         "warnings": anchor_warnings(anchors, models, scores, column),
         "item_agreement": _rounded_tree(item_agreement(scores[:, :, model_columns])),
@@ -164,7 +151,7 @@ def summarize(spec: RunSpec, sets: list[AnswerSet], calls: list[JudgeCall], outc
         "position_bias": (_rounded_tree(position_bias(scores, positions, is_model, config.bootstrap_samples,
                                                       config.seed, LEVEL))
                           if config.mode == "comparative" else None),
-        "notes": _notes(config, template, models),
+        "notes": _notes(config, models),
         "calls": {"total": len(outcomes), "made": len(made), "cache_hits": len(outcomes) - len(made),
                   "failed": sum(o.scores is None for o in outcomes),
                   "http_attempts": sum(o.attempts for o in made),
@@ -179,91 +166,136 @@ def summarize(spec: RunSpec, sets: list[AnswerSet], calls: list[JudgeCall], outc
                   "cached_prompt_tokens": usage_cached.prompt_tokens,
                   "cached_completion_tokens": usage_cached.completion_tokens,
                   "price_per_mtok": list(price) if price else "n/a"},
-        "spec": spec_to_dict(config) | {"base_url": without_userinfo(config.base_url)},
+        "spec": recorded_spec(config),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
 
-def _group_entry(name: str, members: list[AnswerSet], column: dict[str, int], scores: np.ndarray,
-                 per_item: np.ndarray, lengths: np.ndarray, stats_of, config) -> tuple[dict, np.ndarray, np.ndarray,
-                                                                                        np.ndarray]:
-    """One base model's entry, its scores (seeds, passes, items), per-item means (over seeds
-    and passes) and per-item answer lengths (mean over seeds)."""
-    cols = [column[m.model] for m in members]
-    cube = np.moveaxis(scores[:, :, cols], 2, 0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        items = np.nanmean(per_item[:, cols], axis=1)
-        pass_means = np.nanmean(cube, axis=(0, 2))
-    length = lengths[:, cols].mean(axis=1)
-    variance = _rounded_tree(variance_components(cube, LEVEL))
-    variance.pop("mean")  # the entry's own mean and interval
-    if len(members) == 1:
-        entry = {"model": name, "base_model": members[0].base_model, "answers": members[0].uri,
-                 "seeds": None if members[0].seed is None else [members[0].seed], **stats_of(members[0].model),
+class Observed:
+    """What was judged, by candidate column: scores (passes, items, candidates), per-item means
+    over passes (items, candidates), answer lengths (items, candidates), and each candidate's
+    own statistics (``stats_of``)."""
+
+    def __init__(self, column: dict[str, int], scores: np.ndarray, per_item: np.ndarray, lengths: np.ndarray,
+                 stats_of):
+        self.column, self.scores, self.per_item, self.lengths, self.stats_of = column, scores, per_item, lengths, stats_of
+
+    def cube(self, runs: list[AnswerSet]) -> np.ndarray:
+        """(runs, passes, items)."""
+        return np.moveaxis(self.scores[:, :, [self.column[r.model] for r in runs]], 2, 0)
+
+    def nested_mean(self, values: np.ndarray, members: list[list[AnswerSet]]) -> np.ndarray:
+        """(items,): the mean over base models of the mean over their runs of ``values`` (items, candidates)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmean([np.nanmean(values[:, [self.column[r.model] for r in runs]], axis=1)
+                               for runs in members], axis=0)
+
+
+def _entry(name: str, members: list[list[AnswerSet]], pooled: bool, observed: Observed, config) -> tuple:
+    """One scored entry (a base model, or a pool of base models: ``members``, each a list of
+    its runs), its scores by pretraining seed (a list of (runs, passes, items) arrays), its
+    per-item means and per-item answer lengths (mean over base models of the mean over runs)."""
+    runs = [r for member in members for r in member]
+    cubes = [observed.cube(member) for member in members]
+    items = observed.nested_mean(observed.per_item, members)
+    length = observed.nested_mean(observed.lengths, members)
+    levels = cubes if pooled else cubes[0]
+    variance = _rounded_tree(variance_components(levels, LEVEL))
+    interval = variance.pop("mean")  # the entry's own mean and interval
+    if len(runs) == 1:
+        run = runs[0]
+        entry = {"model": name, "base_model": run.base_model, "answers": run.uri,
+                 "seeds": None if run.seed is None else [run.seed], **observed.stats_of(run.model),
                  "ci95_includes_seeds": False}
         entry["item_scores_by_seed"] = [entry["item_scores"]]
     else:
-        interval = mean_ci(cube, LEVEL)
         (items_only,) = bootstrap_mean_ci(items[:, None], config.bootstrap_samples, config.seed)
-        judged = int(np.sum(~np.isnan(cube)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            pass_means = np.nanmean([np.nanmean(cube, axis=(0, 2)) for cube in cubes], axis=0)
+        judged = int(sum(np.sum(~np.isnan(cube)) for cube in cubes))
         scored = int(np.sum(~np.isnan(items)))
         finite = pass_means[~np.isnan(pass_means)]
-        entry = {"model": name, "base_model": members[0].base_model, "answers": [m.uri for m in members],
-                 "seeds": [m.seed for m in members], "mean": rounded(interval["mean"]),
-                 "ci95": [rounded(v) for v in interval["ci"]], "ci95_includes_seeds": True,
+        entry = {"model": name, "base_model": members[0][0].base_model, "answers": [r.uri for r in runs],
+                 "seeds": sorted({r.seed for r in runs if r.seed is not None}) or None,
+                 "mean": interval["mean"], "ci95": interval["ci"],
+                 "ci95_includes_seeds": interval["includes_seed_variance"],
                  "ci95_items": [rounded(v) for v in items_only],
                  "pass_means": [rounded(v) for v in pass_means],
                  "spread": rounded(np.std(finite, ddof=1)) if len(finite) > 1 else None,
-                 "judgements": judged, "failures": cube.size - judged, "items_scored": scored,
+                 "judgements": judged, "failures": sum(cube.size for cube in cubes) - judged, "items_scored": scored,
                  "items_excluded": len(items) - scored, "mean_length": rounded(length.mean()),
                  "item_scores": [rounded(v) for v in items],
-                 "item_scores_by_seed": [[rounded(v) for v in per_item[:, k]] for k in cols],
-                 "replicates": [{"model": m.model, "seed": m.seed, "answers": m.uri,
-                                 **{k: v for k, v in stats_of(m.model).items() if k != "item_scores"}}
-                                for m in members]}
+                 "item_scores_by_seed": [[rounded(v) for v in observed.per_item[:, observed.column[r.model]]]
+                                         for r in runs],
+                 "replicates": [{"model": r.model, "seed": r.seed, "answers": r.uri,
+                                 **({"member": r.group} if pooled else {}),
+                                 **{k: v for k, v in observed.stats_of(r.model).items() if k != "item_scores"}}
+                                for r in runs]}
+    if pooled:
+        entry.update(base_model=None, pool=[member[0].group for member in members],
+                     pool_base_models=[member[0].base_model for member in members],
+                     ci95_finetuning=interval["ci_finetuning"] or [None, None],
+                     item_scores_by_run=[[entry["item_scores_by_seed"][runs.index(r)] for r in member]
+                                         for member in members])
     entry["variance"] = variance
-    return entry, cube, items, length
+    return entry, levels, items, length
 
 
-def _add_length_control(models: list[dict], group_items: dict, group_lengths: dict, per_item: np.ndarray,
-                        lengths: np.ndarray, column: dict[str, int], anchors: bool) -> float | None:
-    """Each model's length-controlled score beside its raw one (AlpacaEval 2's regression of the
-    score difference to a reference on the length difference; ``stats.length_controlled``).
-    Returns the fitted score points per character."""
-    if not models:
-        return None
+def _add_length_control(models: list[dict], entry_items: dict, entry_lengths: dict, per_item: np.ndarray,
+                        lengths: np.ndarray, column: dict[str, int], config) -> dict:
+    """Each model's length-controlled score and its interval beside its raw one (AlpacaEval 2's
+    regression of the score difference to a reference on the length difference;
+    ``stats.judge_checks.length_controlled``). Returns the summary's ``length``: the fitted
+    score points per character with its interval, why scores were withheld, and the sentences."""
     names = [m["model"] for m in models]
     reference = {}
-    if anchors:
+    if config.anchors:
         k = column[REFERENCE_ANCHOR]
         reference = {"reference_scores": per_item[:, k], "reference_lengths": lengths[:, k]}
-    result = length_controlled(np.column_stack([group_items[n] for n in names]),
-                               np.column_stack([group_lengths[n] for n in names]), names=names, **reference)
+    result = length_controlled(np.column_stack([entry_items[n] for n in names]),
+                               np.column_stack([entry_lengths[n] for n in names]), names=names,
+                               samples=config.bootstrap_samples, seed=config.seed, level=LEVEL, **reference)
     for m, controlled in zip(models, result["models"]):
         m["length_controlled"] = rounded(controlled["length_controlled"])
+        m["length_controlled_ci95"] = [rounded(v) for v in controlled["ci"]]
+        m["length_clipped"] = controlled["clipped"]
+        m["length_adjustment"] = rounded(controlled["adjustment"])
+        m["length_adjustment_ci95"] = [rounded(v) for v in controlled["adjustment_ci"]]
         m["mean_length_difference"] = rounded(controlled["mean_length_difference"])
-    return rounded(result["length_coefficient"], 6)
+    length = {"unit": "characters", "reference": "@reference anchor" if config.anchors else "mean over models",
+              "score_points_per_unit": rounded(result["length_coefficient"], 6),
+              "coefficient_ci95": [rounded(v, 6) for v in result["coefficient_ci"]],
+              "refused": result["refused"], "within_model_spread": rounded(result["within_model_spread"]),
+              "little_within_model_variation": result["little_within_model_variation"]}
+    length["sentences"] = length_sentences(length, models, "characters")
+    return length
 
 
-def compare(models: list[dict], group_items: dict[str, np.ndarray], cubes: dict[str, np.ndarray], samples: int,
-            seed: int) -> dict:
-    """Every pair of models (in ranking order): the paired bootstrap over items with Holm's
-    adjustment; with replicates, the seed-robust comparison too (its p-values Holm-adjusted
-    as well). The letters come from the seed-robust tests when every model has replicates
-    (the item bootstrap alone would call run-to-run luck a difference), else from the
-    item bootstrap."""
+def _units(cubes: np.ndarray | list[np.ndarray]) -> int:
+    """How many seed units an entry's mean varies over: its pretraining seeds, else its runs."""
+    return len(cubes) if isinstance(cubes, list) else cubes.shape[0]
+
+
+def compare(models: list[dict], entry_items: dict[str, np.ndarray], cubes: dict[str, np.ndarray | list[np.ndarray]],
+            samples: int, seed: int) -> dict:
+    """Every pair of entries (in ranking order): the paired bootstrap over items with Holm's
+    adjustment; with several runs, the seed-robust comparison too (its p-values Holm-adjusted
+    as well). The letters come from the seed-robust tests when every entry has several runs
+    (the item bootstrap alone would call run-to-run luck a difference), else from the item
+    bootstrap."""
     names = [m["model"] for m in models]
     pairs_count = len(names) * (len(names) - 1) // 2
     samples = max(samples, SAMPLES_PER_PAIR * pairs_count)
-    matrix = np.column_stack([group_items[n] for n in names]) if names else np.zeros((0, 0))
+    matrix = np.column_stack([entry_items[n] for n in names]) if names else np.zeros((0, 0))
     pairs = []
     for d in paired_differences(matrix, samples, seed, LEVEL, names):
         row = {k: rounded(v, 6) if isinstance(v, float) else v for k, v in asdict(d).items()}
         row["ci"] = [rounded(v) for v in d.ci]
-        row["sentence"] = _pair_sentence(row)
+        row["sentence"] = pair_sentence(row)
         pairs.append(row)
-    replicated = [n for n in names if cubes[n].shape[0] > 1]
+    replicated = [n for n in names if _units(cubes[n]) > 1]
     seed_robust = None
     if replicated:
         seed_robust = [paired_seed_robust(cubes[a], cubes[b], LEVEL, (a, b))
@@ -273,23 +305,19 @@ def compare(models: list[dict], group_items: dict[str, np.ndarray], cubes: dict[
             row["p_holm"] = rounded(p_holm, 6)
             row["different"] = bool(p_holm < 1 - LEVEL) if row["survives"] is not None else None
         seed_robust = _rounded_tree(seed_robust)
+        for row in seed_robust:
+            row["sentence"] = seed_robust_sentence(row)
     from_seeds = bool(names) and len(replicated) == len(names)
     basis = seed_robust if from_seeds else pairs
     same = {(r["a"], r["b"]) for r in basis if not r["different"]}
     if from_seeds:
-        method = "t tests that include the fine-tuning seed variance, Holm-adjusted"
+        pooled = any(isinstance(cubes[n], list) for n in names)
+        method = (f"tests that include the {'pretraining and fine-tuning' if pooled else 'fine-tuning'} seed "
+                  f"variance, Holm-adjusted")
     else:
         method = "paired bootstrap over items, Holm-adjusted"
     return {"level": LEVEL, "bootstrap_samples": samples, "pairs": pairs, "seed_robust": seed_robust,
             "letters_from": method, "letters": compact_letter_display(names, same)}
-
-
-def _pair_sentence(row: dict) -> str:
-    if row["mean"] is None or row["ci"][0] is None:
-        return f"{row['a']} vs {row['b']}: cannot tell, {row['items']} item(s) scored for both"
-    verdict = "can be told apart" if row["different"] else "cannot be told apart"
-    return (f"{row['a']} - {row['b']}: {row['mean']:+.1f} points ({round(LEVEL * 100)}% CI {row['ci'][0]:+.1f} to "
-            f"{row['ci'][1]:+.1f}, Holm-adjusted p {row['p_holm']:.3g} over {row['items']} items): {verdict}")
 
 
 def anchor_warnings(anchors: dict, models: list[dict], scores: np.ndarray, column: dict[str, int]) -> list[str]:
@@ -324,7 +352,7 @@ def anchor_warnings(anchors: dict, models: list[dict], scores: np.ndarray, colum
     return found
 
 
-def _notes(config, template, models: list[dict]) -> list[str]:
+def _notes(config, models: list[dict]) -> list[str]:
     notes = []
     if config.passes > 1:
         if config.mode == "single":
@@ -338,9 +366,7 @@ def _notes(config, template, models: list[dict]) -> list[str]:
     notes.append("agreement: the per-item one (Spearman of two passes' scores of the same answers) shows the "
                  "judge's noise; that of the per-pass model means averages it away over items and stays near 1")
     for m in models:
-        for note in (m.get("variance") or {}).get("notes", []):
-            if m.get("seeds") and len(m["seeds"]) > 1:
-                notes.append(f"{m['model']}: {note}")
+        notes += variance_notes(m)
     return notes
 
 
@@ -393,89 +419,3 @@ def _rounded_tree(value: Any) -> Any:
     if isinstance(value, float):
         return rounded(value) if math.isfinite(value) else None
     return value
-
-
-def _money(cost: Any) -> str:
-    return "n/a" if cost is None or cost == "n/a" else f"${cost:.4f}"
-
-
-def _fmt(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def render_summary(summary: dict, console: Console) -> None:
-    judge = summary["judge"]
-    table = Table(title=f"IFT scores by {judge['model']} ({judge['mode']}, {judge['passes']} passes, "
-                        f"{summary['items']} items)")
-    for name, justify in (("model", "left"), ("group", "left"), ("score", "right"), ("95% CI", "right"),
-                          ("length-controlled", "right"), ("length", "right"), ("seeds", "right"),
-                          ("pass spread", "right"), ("failures", "right"), ("items", "right")):
-        table.add_column(name, justify=justify)
-
-    def add(name: str, stats: dict, style: str, letters: str = "", seeds: str = "") -> None:
-        low, high = stats["ci95"]
-        table.add_row(name, letters, _fmt(stats["mean"]), f"{_fmt(low)} - {_fmt(high)}",
-                      _fmt(stats.get("length_controlled")), _fmt(stats.get("mean_length"), 0), seeds,
-                      _fmt(stats["spread"]), str(stats["failures"]), f"{stats['items_scored']}/{summary['items']}",
-                      style=style)
-
-    for m in summary["models"]:
-        add(m["model"], m, "", m.get("letters", ""), str(len(m["seeds"])) if m.get("seeds") else "1")
-        for replicate in m.get("replicates") or []:
-            add(f"  {replicate['model']}", replicate, "dim")
-    for name, stats in summary["anchors"].items():
-        add(f"{name} (anchor)", stats, "dim")
-    console.print(table)
-    comparisons = summary["comparisons"]
-    console.print(f"group: models sharing a letter cannot be told apart ({comparisons['letters_from']}, "
-                  f"{round(comparisons['level'] * 100)}%)")
-    for row in comparisons["pairs"]:
-        console.print(f"  over items: {row['sentence']}")
-    for row in comparisons["seed_robust"] or []:
-        console.print(f"  with the fine-tuning noise: {row['sentence']}")
-    for m in summary["models"]:
-        line = variance_line(m)
-        if line:
-            console.print(line)
-    agreement, ranks = summary["item_agreement"], summary["rank_agreement"]
-    if agreement:
-        console.print(f"agreement between passes on the same answers: Spearman {_fmt(agreement['within_item'])} "
-                      f"within items, ICC {_fmt(agreement['icc'])}"
-                      + (f" (per-pass model means: Spearman {_fmt(ranks['spearman'])}, which averages the noise "
-                         f"away)" if ranks else ""))
-    bias = summary["position_bias"]
-    if bias and bias.get("range") is not None:
-        console.print(position_bias_line(bias))
-    for warning in summary["warnings"]:
-        console.print(f"warning: {warning}", style="yellow")
-    calls, usage = summary["calls"], summary["usage"]
-    batches = f" in batch {', '.join(calls['batches'])}" if calls.get("batches") else ""
-    console.print(f"calls: {calls['made']} made{batches} ({calls['http_attempts']} HTTP attempts), "
-                  f"{calls['cache_hits']} from cache, {calls['failed']} failed; tokens: {usage['prompt_tokens']:,} in, "
-                  f"{usage['completion_tokens']:,} out; est. cost {_money(usage['cost_usd'])}")
-    if calls["failures"]:
-        console.print("failures: " + ", ".join(f"{reason} x{n}" for reason, n in calls["failures"].items()),
-                      style="yellow")
-
-
-def variance_line(model: dict) -> str | None:
-    """Where a replicated model's score noise comes from, in one line (standard deviations)."""
-    if not model.get("seeds") or len(model["seeds"]) < 2:
-        return None
-    parts = []
-    for name, label in (("item", "items"), ("seed", "fine-tuning seeds"), ("seed_item", "seed x item"),
-                        ("pass", "judge passes")):
-        component = model["variance"]["components"].get(name) or {}
-        if component.get("sd") is not None:
-            low, high = component["ci_sd"]
-            parts.append(f"{label} {component['sd']:.1f} ({_fmt(low, 1)}-{_fmt(high, 1)})")
-    return f"{model['model']}: score sd by source, 95% CI: " + ", ".join(parts) if parts else None
-
-
-def position_bias_line(bias: dict) -> str:
-    effects = ", ".join(f"{chr(ord('A') + r['position'])} {r['effect']:+.1f}" for r in bias["by_position"]
-                        if r["effect"] is not None)
-    low, high = bias["range_ci"]
-    return (f"position bias (models only): {bias['range']:.1f} points between the most and least favoured position "
-            f"(95% CI {_fmt(low, 1)}-{_fmt(high, 1)}; {_fmt(bias['noise_floor'], 1)} with no bias at all, p "
-            f"{_fmt(bias['p_value'], 3)}): {effects}")
