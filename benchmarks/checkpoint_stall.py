@@ -5,14 +5,18 @@
 The state is a model of the preset and its AdamW moments after one step (gpt2-small: 163M
 parameters, 1.82 GiB with the optimizer), on the device. Compared:
 
+- buffers reserved: allocating (and pinning, on CUDA) the host buffers, which the training
+  loop has done in the background since its first step (``reserve_checkpoint_buffers``):
+  what a first save stalled for before that;
+- background, first save: the loop's wait in ``raygpt.train.step.start_checkpoint`` with the
+  buffers reserved;
+- background, later saves: the same wait, the buffers reused: the device-to-host copy (a
+  plain copy on CPU); the write then runs in a background thread, timed apart;
 - synchronous: ``save_training_checkpoint``, what the loop waited for before: every file
-  serialised and written while training stands still;
-- background, first save: the loop's wait in ``raygpt.train.step.start_checkpoint`` when the
-  host buffers are allocated (and pinned, on CUDA) the first time;
-- background, later saves: the loop's wait with the buffers reused, i.e. the device-to-host
-  copy (a plain copy on CPU); the write then runs in a background thread, timed apart.
+  serialised and written while training stands still. Measured last, so that its pinned
+  buffers, freed into torch's pinned-memory cache, cannot make a first save look free.
 
-Each background case is timed over ``--repeats`` saves; the table shows the median.
+Each later background save is timed over ``--repeats`` saves; the table shows the median.
 """
 
 from __future__ import annotations
@@ -30,10 +34,15 @@ from rich.table import Table
 
 from raygpt.config import load_spec
 from raygpt.model import GPT, PRESETS
-from raygpt.train.components import RngState, TrainerState, choose_precision
+from raygpt.train.components import RngState, TrainerState, choose_precision, use_device
 from raygpt.train.metrics import device_name
 from raygpt.train.schedule import WarmupCosine
-from raygpt.weights.checkpoint import CheckpointWriter, save_training_checkpoint, snapshot_training_state
+from raygpt.weights.checkpoint import (
+    CheckpointWriter,
+    host_staged_state,
+    save_training_checkpoint,
+    snapshot_training_state,
+)
 
 
 def training_state(preset: str, device: torch.device) -> dict:
@@ -57,7 +66,8 @@ def state_bytes(state: dict) -> int:
 
 
 def measure_stall(preset: str, device: torch.device, directory: str | Path, repeats: int = 3) -> dict:
-    """Seconds the loop waits per save: synchronous vs background (first and later saves)."""
+    """Seconds the loop waits per save: synchronous vs background (first and later saves), and
+    the reservation of the background saves' buffers."""
     directory = Path(directory)
     state = training_state(preset, device)
 
@@ -65,15 +75,14 @@ def measure_stall(preset: str, device: torch.device, directory: str | Path, repe
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    sync()
-    started = time.perf_counter()
-    save_training_checkpoint(directory / "synchronous", 0, **state)
-    synchronous_s = time.perf_counter() - started
-    shutil.rmtree(directory / "synchronous")
-
     writer = CheckpointWriter()
     stalls, writes = [], []
     try:
+        sync()
+        started = time.perf_counter()
+        writer.reserve(host_staged_state(state["model"], state["optimizer"]))
+        writer.wait()
+        reserve_s = time.perf_counter() - started
         for i in range(1 + repeats):
             sync()
             started = time.perf_counter()
@@ -84,18 +93,24 @@ def measure_stall(preset: str, device: torch.device, directory: str | Path, repe
             shutil.rmtree(directory / f"background-{i}")
     finally:
         writer.close()
+
+    sync()
+    started = time.perf_counter()
+    save_training_checkpoint(directory / "synchronous", 0, **state)
+    synchronous_s = time.perf_counter() - started
+    shutil.rmtree(directory / "synchronous")
     steady = statistics.median(stalls[1:])
     return {"preset": preset, "device": str(device), "state_gib": state_bytes(state) / 2**30,
-            "synchronous_s": synchronous_s, "first_stall_s": stalls[0], "stall_s": steady,
+            "synchronous_s": synchronous_s, "reserve_s": reserve_s, "first_stall_s": stalls[0], "stall_s": steady,
             "background_write_s": statistics.median(writes[1:]), "stall_ratio": steady / synchronous_s}
 
 
 def stall_table(r: dict, title: str) -> Table:
     table = Table(title=title, title_justify="left")
-    for column in ("state", "synchronous save", "first save: stall", "later saves: stall", "background write",
-                   "stall / synchronous"):
+    for column in ("state", "synchronous save", "buffers reserved", "first save: stall", "later saves: stall",
+                   "background write", "stall / synchronous"):
         table.add_column(column, justify="right")
-    table.add_row(f"{r['preset']}, {r['state_gib']:.2f} GiB", f"{r['synchronous_s']:.2f} s",
+    table.add_row(f"{r['preset']}, {r['state_gib']:.2f} GiB", f"{r['synchronous_s']:.2f} s", f"{r['reserve_s']:.2f} s",
                   f"{r['first_stall_s']:.2f} s", f"{r['stall_s']:.2f} s", f"{r['background_write_s']:.2f} s",
                   f"{100 * r['stall_ratio']:.1f}%")
     return table
@@ -108,7 +123,7 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="where the checkpoints are written (default: a temporary folder)")
     parser.add_argument("--repeats", type=int, default=3, help="background saves after the first")
     args = parser.parse_args()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = use_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     with tempfile.TemporaryDirectory(prefix="raygpt-stall-", dir=args.dir) as directory:
         result = measure_stall(args.preset, device, directory, args.repeats)
     console = Console()

@@ -139,10 +139,12 @@ def test_model_ids_are_short_and_filesystem_safe():
     assert model_id("s3://bucket/runs/small/checkpoint_00001000/") == "small-checkpoint_00001000"
 
 
-def test_trainer_state_keeps_no_credential_of_the_endpoint():
-    spec = load_spec(None, ["storage.endpoint_url=http://user:s3cret-key@127.0.0.1:8333"])
+def test_trainer_state_keeps_no_credential_of_any_url():
+    # An S3 endpoint takes none (the spec refuses it); the judge's and the data's URLs may.
+    spec = load_spec(None, ["judge.base_url=http://user:s3cret-key@127.0.0.1:8000/v1",
+                            "ift.data=https://user:s3cret-key@data.example/instructions.json"])
     state = TrainerState(WarmupCosine(1e-3, 1, 4), choose_precision("fp32", torch.device("cpu")).scaler, 0, spec, 1)
-    assert state.state_dict()["spec"]["storage"]["endpoint_url"] == "http://127.0.0.1:8333"
+    assert state.state_dict()["spec"]["judge"]["base_url"] == "http://127.0.0.1:8000/v1"
     assert "s3cret-key" not in repr(state.state_dict())
 
 
@@ -179,7 +181,7 @@ def flip_bytes(path, offset_from_end: int = 200) -> None:
 
 
 def test_loading_checks_every_file_against_its_recorded_sha256(tmp_path):
-    from raygpt.weights.checkpoint import checkpoint_problem
+    from raygpt.weights.integrity import checkpoint_problem
 
     trainer = Trainer(init_seed=1)
     trainer.step()
@@ -207,7 +209,7 @@ def test_loading_checks_every_file_against_its_recorded_sha256(tmp_path):
 
 
 def test_resume_choice_skips_damaged_checkpoints_and_says_why(tmp_path):
-    from raygpt.weights.checkpoint import choose_resume_checkpoint
+    from raygpt.weights.integrity import newest_intact_checkpoint
 
     root, storage, trainer = str(tmp_path / "runs"), Storage(), Trainer(init_seed=1)
     names = []
@@ -217,7 +219,7 @@ def test_resume_choice_skips_damaged_checkpoints_and_says_why(tmp_path):
     run = tmp_path / "runs" / "demo"
     flip_bytes(run / names[2] / "model.pt", offset_from_end=4000)
     (run / names[1] / "trainer_state.json").unlink()
-    choice = choose_resume_checkpoint(join(root, "demo"), storage)
+    choice = newest_intact_checkpoint(join(root, "demo"), storage)
     assert choice.name == names[0] and choice.checked == "sha256"
     assert [n for n, _ in choice.skipped] == [names[2], names[1]]
     assert "model.pt differs from the SHA-256" in choice.skipped[0][1] and "no trainer_state.json" in choice.skipped[1][1]
@@ -227,13 +229,87 @@ def test_resume_choice_skips_damaged_checkpoints_and_says_why(tmp_path):
     with pytest.raises(RaygptError, match=r"run .*demo: none of its 3 checkpoint\(s\) is intact \(checkpoint_00000003: "
                                           r"model.pt differs .*; checkpoint_00000001: optimizer.pt holds 100 bytes .*\): "
                                           r"put an intact copy back, or start a new run name"):
-        choose_resume_checkpoint(join(root, "demo"), storage)
+        newest_intact_checkpoint(join(root, "demo"), storage)
 
 
 def test_a_save_never_reuses_a_folder_the_run_already_holds():
-    from raygpt.weights.checkpoint import checkpoint_dir_name, checkpoint_order
+    from raygpt.weights.layout import checkpoint_dir_name, checkpoint_order
 
     assert checkpoint_dir_name(6) == "checkpoint_00000006"
     assert checkpoint_dir_name(6, taken=["checkpoint_00000006", "checkpoint_00000006.1"]) == "checkpoint_00000006.2"
     assert sorted(["checkpoint_00000006.1", "checkpoint_00000010", "checkpoint_00000006"], key=checkpoint_order) == [
         "checkpoint_00000006", "checkpoint_00000006.1", "checkpoint_00000010"]
+
+
+def test_an_edited_trainer_state_is_a_damaged_checkpoint(tmp_path):
+    """Changing ``"step": 1`` to 2 in trainer_state.json would resume at step 2 with every other
+    file intact: the state's own SHA-256 tells."""
+    from raygpt.weights.integrity import checkpoint_problem
+
+    trainer = Trainer(init_seed=1)
+    trainer.step()
+    save_training_checkpoint(tmp_path / "c", 0, **trainer.components())
+    state_file = tmp_path / "c" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "step": 2}, indent=2))
+    problem = ("trainer_state.json differs from the SHA-256 it records of itself (edited or changed after the "
+               "save)")
+    assert checkpoint_problem(tmp_path / "c") == problem
+    with pytest.raises(RaygptError, match=r"checkpoint run/c: trainer_state.json differs from the SHA-256"):
+        load_training_checkpoint(tmp_path / "c", 0, **Trainer(init_seed=2).components(), expected="x", where="run/c")
+    del state["state_sha256"]  # a checkpoint written before the state carried its digest
+    state_file.write_text(json.dumps(state))
+    assert checkpoint_problem(tmp_path / "c") is None
+
+
+def tiny_preset_run(root, steps: int) -> list[str]:
+    """Checkpoints 1..steps of a run ``demo`` of the tiny preset (GPT-2's vocabulary, so the
+    CLI can sample it), each with other weights."""
+    spec = load_spec(None, ["model.preset=tiny"])
+    model = GPT(PRESETS["tiny"])
+    optimizer = model.configure_optimizer(1e-3, 0.1, (0.9, 0.95), "cpu")
+    state = TrainerState(WarmupCosine(1e-3, 1, 4), choose_precision("fp32", torch.device("cpu")).scaler, 0, spec, 1)
+    names = []
+    for step in range(1, steps + 1):
+        with torch.no_grad():
+            model.transformer.wte.weight.add_(0.01)
+        state.advance(32)
+        names.append(f"checkpoint_{step:08d}")
+        save_training_checkpoint(root / "demo" / names[-1], 0, model=model, optimizer=optimizer, trainer=state,
+                                 rng=RngState())
+    return names
+
+
+def test_sample_and_export_read_the_newest_intact_checkpoint(tmp_path, capsys, caplog):
+    """16 changed bytes in the newest model.pt: `raygpt sample` and `raygpt export` take the
+    checkpoint before it, as a resume would, and say why; with none intact, one message."""
+    from raygpt.cli import main
+
+    root = tmp_path / "runs"
+    older, newest = tiny_preset_run(root, 2)
+    model_file = root / "demo" / newest / "model.pt"
+    data = bytearray(model_file.read_bytes())
+    data[-4000:-3984] = bytes(b ^ 0xFF for b in data[-4000:-3984])
+    model_file.write_bytes(bytes(data))
+    spec = load_spec(None, [f"storage_path={root}"])
+
+    model, info = load_model("demo", spec, Storage())
+    assert (info["step"], info["checkpoint"]) == (1, str(root / "demo" / older))
+    assert f"skipped checkpoint {root / 'demo' / newest}: model.pt differs from the SHA-256" in caplog.text
+    settings = ["--set", f"storage_path={root}"]
+    assert main(["sample", "demo", *settings, "--prompt", "Hi", "--max-new-tokens", "2"]) == 0
+    assert "demo: " in capsys.readouterr().err
+    assert main(["export", "demo", str(tmp_path / "hf"), *settings]) == 0
+    assert "exported demo" in capsys.readouterr().out
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as exported:
+        assert exported.metadata()["step"] == "1"
+
+    with pytest.raises(RaygptError, match=rf"checkpoint \S+{newest}: model.pt differs from the SHA-256 .*; put an "
+                                          r"intact copy back, or name an intact checkpoint folder of the run"):
+        load_model(str(root / "demo" / newest), spec, Storage())  # named directly: refused, not replaced
+    (root / "demo" / older / "optimizer.pt").write_bytes(b"cut")
+    assert main(["sample", "demo", *settings, "--prompt", "Hi"]) == 2
+    err = capsys.readouterr().err
+    assert "none of its 2 checkpoint(s) is intact" in err and "Traceback" not in err

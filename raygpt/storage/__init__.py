@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
@@ -53,6 +53,8 @@ def uri_problem(uri: str, remote: bool = True, web: bool = False) -> str | None:
         return f"{uri!r}: empty; give a local path" + (" or s3://bucket/prefix" if remote else "")
     if _CONTROL.search(uri):
         return f"{uri!r}: holds a control character (a newline, a tab or NUL)"
+    if not uri.isascii() and not _is_utf8(uri):
+        return f"{uri!r}: not UTF-8 text (bytes that are not UTF-8 in what was typed)"
     if uri.startswith("s3://"):
         if not remote:
             return f"{uri}: must be a local path here, not an s3:// URI"
@@ -72,26 +74,70 @@ def uri_problem(uri: str, remote: bool = True, web: bool = False) -> str | None:
     return None
 
 
+def _is_utf8(text: str) -> bool:
+    """False for text holding lone surrogates: what Python makes of bytes in argv that are not UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def is_http_url(url: str) -> bool:
+    """Whether ``url`` is ``http(s)://host[:port][/path]`` with a port that is one."""
+    if not isinstance(url, str) or _CONTROL.search(url) or not _is_utf8(url):
+        return False
+    try:
+        parts = urlsplit(url)
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:  # a port that is no number or above 65535, a bracket left open
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and port_ok
+
+
 def endpoint_problem(url: str) -> str | None:
     """Why ``url`` is not an S3 endpoint (``http(s)://host[:port]``), or None when it is one."""
-    parts = urlsplit(url) if isinstance(url, str) and not _CONTROL.search(url) else None
-    try:
-        port_ok = parts is not None and (parts.port is None or parts.port > 0)
-    except ValueError:  # a port that is no number, or above 65535
-        port_ok = False
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+    if not is_http_url(url):
         shown = without_userinfo(url) if isinstance(url, str) else url
         return f"{shown!r} is not an S3 endpoint; expected http(s)://host[:port], e.g. http://127.0.0.1:8333"
+    if "@" in urlsplit(url).netloc:  # S3 signs requests with keys; a URL's user:password would only be recorded
+        return (f"{without_userinfo(url)!r} carries a user:password: S3 credentials come from AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY (or ~/.aws, an instance profile), never from the endpoint's URL")
     return None
 
 
-def without_userinfo(url: str | None) -> str | None:
-    """``http://user:secret@host:9000`` -> ``http://host:9000``: a URL may carry credentials."""
-    if not url or "@" not in url:
-        return url
-    parts = urlsplit(url)
-    host = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s]*@")
+
+
+def without_userinfo(text: str | None) -> str | None:
+    """``http://user:secret@host:9000/v1`` -> ``http://host:9000/v1``: a URL may carry
+    credentials. Every URL in ``text`` is cut, so a message that quotes one can be shown."""
+    return _USERINFO.sub(r"\1", text) if text and "@" in text else text
+
+
+def without_credentials(value: Any) -> Any:
+    """``value`` (a spec as a dict, a list, a string) with the user:password of every URL in
+    it removed: what a run record, a checkpoint, a model card or a tracker may keep."""
+    if isinstance(value, dict):
+        return {key: without_credentials(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [without_credentials(item) for item in value]
+    return without_userinfo(value) if isinstance(value, str) else value
+
+
+SMALL_FILE_BYTES = 64 << 20
+"""What ``read_bytes``, ``read_text`` and ``read_json`` read at most unless told otherwise:
+manifests, run records, answers files and metrics are far smaller."""
+
+
+def utf8_text(data: bytes, where: str) -> str:
+    """``data`` decoded as UTF-8; bytes that are not are one RaygptError naming ``where`` and the place."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise RaygptError(f"{where}: line {line}: not UTF-8 text (byte {data[e.start]:#04x} at offset "
+                          f"{e.start})") from None
 
 
 def check_uri(uri: str) -> None:
@@ -194,14 +240,20 @@ class Storage:
         info = self._run(uri, "check", lambda: fs.get_file_info(path))
         return info.size if info.type == pafs.FileType.File else None
 
-    def read_bytes(self, uri: str) -> bytes:
+    def read_bytes(self, uri: str, max_bytes: int | None = SMALL_FILE_BYTES) -> bytes:
+        """The file's bytes; more than ``max_bytes`` (None: no limit) is a RaygptError, read no
+        further, so a wrong path (``/dev/zero``, a shard for a manifest) never fills the memory."""
         fs, path = self.resolve(uri)
 
         def read() -> bytes:
             with fs.open_input_stream(path) as f:
-                return f.read()
+                return f.read() if max_bytes is None else f.read(max_bytes + 1)
 
-        return self._run(uri, "read", read)
+        data = self._run(uri, "read", read)
+        if max_bytes is not None and len(data) > max_bytes:
+            raise RaygptError(f"{uri}: larger than {max_bytes >> 20} MiB, more than such a file ever holds; "
+                              "is it the right file?")
+        return data
 
     def sha256(self, uri: str, chunk_bytes: int = 8 << 20) -> str:
         """The SHA-256 hex digest of a stored file, read in chunks (a 1 GiB file never sits in memory)."""
@@ -234,17 +286,17 @@ class Storage:
 
         self._run(uri, "write", write)
 
-    def read_json(self, uri: str) -> Any:
+    def read_json(self, uri: str, max_bytes: int | None = SMALL_FILE_BYTES) -> Any:
         try:
-            return json.loads(self.read_bytes(uri))
+            return json.loads(self.read_text(uri, max_bytes))
         except json.JSONDecodeError as e:
             raise RaygptError(f"{uri}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
     def write_json(self, uri: str, obj: Any) -> None:
         self.write_bytes(uri, (json.dumps(obj, indent=2) + "\n").encode())
 
-    def read_text(self, uri: str) -> str:
-        return self.read_bytes(uri).decode()
+    def read_text(self, uri: str, max_bytes: int | None = SMALL_FILE_BYTES) -> str:
+        return utf8_text(self.read_bytes(uri, max_bytes), uri)
 
     def write_text(self, uri: str, text: str) -> None:
         self.write_bytes(uri, text.encode())
@@ -261,6 +313,15 @@ class Storage:
         fs, path = self.resolve(uri)
         infos = self._run(uri, "list", lambda: fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)))
         return {info.base_name: info.size for info in infos if info.type == pafs.FileType.File}
+
+    def last_modified(self, uri: str) -> float | None:
+        """When the newest file under ``uri`` (at any depth) was written, in UNIX seconds; None
+        when there is none (or the store does not say)."""
+        fs, path = self.resolve(uri)
+        infos = self._run(uri, "list", lambda: fs.get_file_info(
+            pafs.FileSelector(path, allow_not_found=True, recursive=True)))
+        return max((info.mtime.timestamp() for info in infos
+                    if info.type == pafs.FileType.File and info.mtime is not None), default=None)
 
     def delete(self, uri: str) -> None:
         """Delete a file or a whole folder; nothing when absent."""
@@ -360,6 +421,11 @@ def _delete_quietly(fs: pafs.FileSystem, path: str) -> None:
         pass
 
 
+class StoreUnreachableError(RaygptError):
+    """The store did not answer within ``storage.retry_minutes`` (``storage.retry``): an
+    outage, not a problem with the URI."""
+
+
 class _explained:
     """Turns pyarrow's S3 errors into one message naming the URI and the likely cause."""
 
@@ -372,7 +438,8 @@ class _explained:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc is None or isinstance(exc, RaygptError) or not isinstance(exc, OSError):
             return False
-        raise RaygptError(explain_storage_error(self.uri, self.action, exc)) from None
+        error = StoreUnreachableError if isinstance(exc, StoreUnavailableError) else RaygptError
+        raise error(explain_storage_error(self.uri, self.action, exc)) from None
 
 
 def explain_storage_error(uri: str, action: str, exc: BaseException) -> str:
@@ -387,6 +454,9 @@ def explain_storage_error(uri: str, action: str, exc: BaseException) -> str:
     elif any(s in lowered for s in ("access_denied", "accessdenied", "invalidaccesskeyid", "signaturedoesnotmatch", "forbidden", "403")):
         cause = ("access denied: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the instance profile) "
                  "and the bucket policy")
+    elif unresolved := re.search(r"could not resolve host: (\S+)", lowered):
+        cause = (f"the S3 endpoint's host name {unresolved.group(1)} does not resolve (no such host, or no network): "
+                 "check storage.endpoint_url / AWS_ENDPOINT_URL")
     elif any(s in lowered for s in ("network_connection", "couldn't connect", "could not connect", "connection refused",
                                     "timed out", "timeout", "resolve host", "curl error")):
         cause = "the S3 endpoint cannot be reached: check storage.endpoint_url / AWS_ENDPOINT_URL"

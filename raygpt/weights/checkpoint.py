@@ -1,33 +1,14 @@
-"""Training checkpoints: what a checkpoint folder holds, and finding the newest complete one.
+"""Training checkpoints: saving every component's state into a checkpoint folder, and loading it back.
 
-A training checkpoint is the sum of the trainer's components, each saved by its own
-``state_dict``: rank 0 writes the shared files, every rank its own RNG file, and Ray Train
-merges the ranks' folders into one ``checkpoint_<step>/`` under the run::
-
-    model.pt            model state_dict (rank 0)
-    optimizer.pt        AdamW state_dict (rank 0)
-    model_config.json   GPTConfig fields, enough to rebuild the model (rank 0)
-    rng_rank<r>.pt      torch / CUDA / numpy / Python RNG states of rank r (every rank)
-    trainer_state.json  step, tokens seen, data cursor, LR schedule, grad scaler, run spec,
-                        the metrics reported since the previous checkpoint, and the size and
-                        SHA-256 of each file above (rank 0, written last)
+What the folder holds is ``raygpt.weights.layout``'s; whether it is complete and intact, and
+which of a run's checkpoints to use, ``raygpt.weights.integrity``'s.
 
 A save is two halves: ``snapshot_training_state`` copies every component's state into host
 memory (into reused buffers, pinned on CUDA: the only part a training loop has to wait for),
 and ``write_training_snapshot`` writes those copies into the folder, which ``CheckpointWriter``
 does in a background thread, hashing each file's bytes as they are written (so a save costs
 the loop no hashing). A process killed mid-write leaves a folder without
-``trainer_state.json``, which ``latest_checkpoint`` passes over; ``checkpoint_problem`` also
-tells a truncated file or one whose bytes changed after the save (by its SHA-256), and
-``choose_resume_checkpoint`` picks the newest checkpoint with no problem. Checkpoints of
-raygpt 0.1 to 0.3 record sizes only: they are checked for completeness alone.
-
-A save at a step whose folder already exists (a damaged checkpoint that a resume skipped)
-goes to ``checkpoint_<step>.<n>``: Ray Train deletes an old checkpoint by its folder, so two
-of its checkpoints must never share one.
-
-A model-only folder (``save_model_dir``, used for fine-tuned models) holds just ``model.pt``
-and ``model_config.json``.
+``trainer_state.json``, which every reader passes over.
 """
 
 from __future__ import annotations
@@ -35,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -46,51 +26,16 @@ import torch.nn as nn
 
 from raygpt.errors import RaygptError
 from raygpt.model import GPT, GPTConfig
-from raygpt.storage import Storage, join, write_local_atomically
-
-MODEL_FILE = "model.pt"
-
-
-OPTIMIZER_FILE = "optimizer.pt"
-
-
-MODEL_CONFIG_FILE = "model_config.json"
-
-
-TRAINER_STATE_FILE = "trainer_state.json"
-
-
-CHECKPOINT_PREFIX = "checkpoint_"
-
-
-CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)(?:\.(\d+))?$")  # not Ray's checkpoint_manager_snapshot.json
-
-
-def rng_file(rank: int) -> str:
-    return f"rng_rank{rank}.pt"
-
-
-def checkpoint_dir_name(step: int, taken: Any = ()) -> str:
-    """``checkpoint_00001000``: zero-padded so names sort by step; ``checkpoint_00001000.1``
-    (.2, ...) when that name is among ``taken`` (folders already in the run)."""
-    name = f"{CHECKPOINT_PREFIX}{step:08d}"
-    n = 0
-    while (candidate := name if n == 0 else f"{name}.{n}") in taken:
-        n += 1
-    return candidate
-
-
-def checkpoint_order(name: str) -> tuple[int, int]:
-    """(step, rewrite number) of a checkpoint folder name: its place among the run's checkpoints."""
-    match = CHECKPOINT_NAME.match(name)
-    if match is None:
-        raise ValueError(f"{name}: not a checkpoint folder name")
-    return int(match.group(1)), int(match.group(2) or 0)
-
-
-def checkpoint_names(run_uri: str, storage: Storage) -> list[str]:
-    """The run's checkpoint folders, newest first."""
-    return sorted((n for n in storage.list(run_uri) if CHECKPOINT_NAME.match(n)), key=checkpoint_order, reverse=True)
+from raygpt.storage import write_local_atomically
+from raygpt.weights.integrity import checkpoint_problem, state_digest
+from raygpt.weights.layout import (
+    MODEL_CONFIG_FILE,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    STATE_DIGEST,
+    TRAINER_STATE_FILE,
+    rng_file,
+)
 
 
 class Stateful(Protocol):
@@ -159,7 +104,7 @@ def serialize_rng(state: dict[str, Any]) -> bytes:
 
 class HostCopies:
     """Host-memory copies of device tensors, kept between saves so a save allocates (and pins)
-    nothing after the first.
+    nothing after the first, or nothing at all after ``reserve``.
 
     On CUDA the buffers are pinned and filled by non-blocking copies, then one stream
     synchronisation; elsewhere they are plain copies. Tensors that share memory (tied weights)
@@ -171,14 +116,20 @@ class HostCopies:
 
     def copy(self, tree: Any) -> Any:
         """``tree`` (nested dicts, lists and tuples) with every tensor replaced by its host copy."""
-        shared: dict[tuple, torch.Tensor] = {}
         devices: set[torch.device] = set()
-        copied = self._copy(tree, "", shared, devices)
+        copied = self._copy(tree, "", {}, devices)
         for device in devices:
             torch.cuda.current_stream(device).synchronize()
         return copied
 
-    def _copy(self, value: Any, path: str, shared: dict, devices: set) -> Any:
+    def reserve(self, tree: Any) -> None:
+        """Allocate (and pin, for CUDA tensors) the buffers ``copy(tree)`` will fill, copying
+        nothing: what the first save would otherwise stall for (pinning is page-locking, and a
+        gpt2-small state is 1.8 GiB). Only shapes and dtypes are read."""
+        self._copy(tree, "", {}, None)
+
+    def _copy(self, value: Any, path: str, shared: dict, devices: set | None) -> Any:
+        """Copy ``value``'s tensors into their buffers, or with ``devices`` None only make the buffers."""
         if isinstance(value, torch.Tensor):
             key = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape),
                    value.stride(), value.dtype) if value.numel() else None
@@ -188,10 +139,13 @@ class HostCopies:
             buffer = self._buffers.get(path)
             if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
                 buffer = torch.empty(value.shape, dtype=value.dtype, pin_memory=value.device.type == "cuda")
+                if devices is None:
+                    buffer.zero_()  # touch its pages now, or the first copy pays the page faults
                 self._buffers[path] = buffer
-            buffer.copy_(value, non_blocking=value.device.type == "cuda")
-            if value.device.type == "cuda":
-                devices.add(value.device)
+            if devices is not None:
+                buffer.copy_(value, non_blocking=value.device.type == "cuda")
+                if value.device.type == "cuda":
+                    devices.add(value.device)
             if key is not None:
                 shared[key] = buffer
             return buffer
@@ -200,6 +154,14 @@ class HostCopies:
         if isinstance(value, (list, tuple)):
             return type(value)(self._copy(v, f"{path}/{i}", shared, devices) for i, v in enumerate(value))
         return value
+
+
+def host_staged_state(model: nn.Module, optimizer: Stateful,
+                      full_states: tuple[dict[str, Any], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The part of rank 0's checkpoint that goes through host buffers: the model's and the
+    optimizer's state dicts (``full_states`` when the parallel strategy gathered them)."""
+    model_state, optimizer_state = full_states or (model.state_dict(), optimizer.state_dict())
+    return {"model": model_state, "optimizer": optimizer_state}
 
 
 def snapshot_training_state(rank: int, *, model: nn.Module, optimizer: Stateful, trainer: Stateful,
@@ -212,8 +174,7 @@ def snapshot_training_state(rank: int, *, model: nn.Module, optimizer: Stateful,
     snapshot = TrainingSnapshot(rank=rank, rng=serialize_rng(rng.state_dict()))
     if rank == 0:
         host = host or HostCopies()
-        model_state, optimizer_state = full_states or (model.state_dict(), optimizer.state_dict())
-        states = host.copy({"model": model_state, "optimizer": optimizer_state})
+        states = host.copy(host_staged_state(model, optimizer, full_states))
         snapshot.model, snapshot.optimizer = states["model"], states["optimizer"]
         snapshot.model_config = asdict(model.config)
         snapshot.trainer = json.loads(json.dumps(trainer.state_dict()))  # a copy, and JSON-safe now
@@ -224,7 +185,7 @@ def write_training_snapshot(snapshot: TrainingSnapshot, directory: str | Path) -
     """Write a snapshot's files into the local folder ``directory``.
 
     ``trainer_state.json`` goes last (atomically, with the size and SHA-256 of every other
-    file, every rank's RNG file included), so a reader can tell a complete, intact checkpoint
+    file, every rank's RNG file included, and the SHA-256 of its own fields), so a reader can tell a complete, intact checkpoint
     from one cut off mid-write or mid-upload, or changed since; rank 0 removes an old one
     first, so a folder being rewritten never looks complete.
     """
@@ -243,6 +204,7 @@ def write_training_snapshot(snapshot: TrainingSnapshot, directory: str | Path) -
     state = dict(snapshot.trainer)
     state["files"] = {r.name: r.size for r in records}
     state["sha256"] = {r.name: r.sha256 for r in records}
+    state[STATE_DIGEST] = state_digest(state)
     write_local_atomically(directory / TRAINER_STATE_FILE,
                            lambda tmp: tmp.write_text(json.dumps(state, indent=2) + "\n"))
 
@@ -273,9 +235,12 @@ class CheckpointWriter:
             raise RuntimeError("CheckpointWriter.start: the previous write is still running; wait() first")
         self._writing = self._thread.submit(write_training_snapshot, snapshot, directory)
 
-    def busy(self) -> bool:
-        """Whether a write has been started and not yet waited for."""
-        return self._writing is not None
+    def reserve(self, staged: dict[str, Any]) -> None:
+        """Allocate the host buffers for snapshots of ``staged`` (``host_staged_state``) in the
+        background thread, while training goes on: the first save's ``wait`` collects it."""
+        if self._writing is not None and not self._writing.done():
+            raise RuntimeError("CheckpointWriter.reserve: a write is still running; wait() first")
+        self._writing = self._thread.submit(self.host.reserve, staged)
 
     def done(self) -> bool:
         """Whether the last write has finished (or none was started)."""
@@ -376,119 +341,6 @@ def model_config_from_dict(raw: dict[str, Any], where: str) -> GPTConfig:
         return GPTConfig(**raw)
     except (TypeError, ValueError) as e:
         raise RaygptError(f"{where}: invalid model config ({e})") from None
-
-
-def latest_checkpoint(run_uri: str, storage: Storage) -> str | None:
-    """URI of the newest complete checkpoint of a run (its files there, with their recorded
-    sizes), or None. Cheap: no file is read but ``trainer_state.json``."""
-    for name in checkpoint_names(run_uri, storage):
-        if stored_checkpoint_problem(join(run_uri, name), storage, hashes=False) is None:
-            return join(run_uri, name)
-    return None
-
-
-def files_problem(state: dict[str, Any], size_of: Callable[[str], int | None],
-                  digest_of: Callable[[str], str] | None) -> str | None:
-    """What is wrong with a checkpoint's files against what its ``trainer_state.json`` records
-    (None: nothing). Sizes first, for every file (cheap), then digests, unless ``digest_of``
-    is None. A checkpoint without digests (raygpt before 0.4) is checked by sizes alone."""
-    sizes, digests = state.get("files") or {}, state.get("sha256") or {}
-    for name, size in sizes.items():
-        actual = size_of(name)
-        if actual is None:
-            return f"{name} is missing"
-        if actual != size:
-            return f"{name} holds {actual} bytes but {TRAINER_STATE_FILE} records {size} (cut off or truncated)"
-    if digest_of is not None:
-        for name, digest in digests.items():
-            if digest_of(name) != digest:
-                return f"{name} differs from the SHA-256 its {TRAINER_STATE_FILE} records (its bytes changed after " \
-                       "the save)"
-    return None
-
-
-NO_STATE = f"no {TRAINER_STATE_FILE} (the save was cut off, or the file was lost)"
-
-
-def checkpoint_problem(directory: str | Path) -> str | None:
-    """What is wrong with a local checkpoint folder (None: complete and intact)."""
-    directory = Path(directory)
-    try:
-        state = json.loads((directory / TRAINER_STATE_FILE).read_text())
-    except FileNotFoundError:
-        return NO_STATE
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return f"{TRAINER_STATE_FILE} is not valid JSON"
-
-    def size_of(name: str) -> int | None:
-        path = directory / name
-        return path.stat().st_size if path.is_file() else None
-
-    return files_problem(state, size_of, lambda name: Storage().sha256(str(directory / name)))
-
-
-def stored_checkpoint_problem(uri: str, storage: Storage, hashes: bool = True) -> str | None:
-    """What is wrong with a checkpoint in the store (None: complete and, with ``hashes``,
-    intact: every file is read and hashed, streaming)."""
-    state_uri = join(uri, TRAINER_STATE_FILE)
-    sizes = storage.file_sizes(uri)
-    if TRAINER_STATE_FILE not in sizes:
-        return NO_STATE
-    try:
-        state = storage.read_json(state_uri)
-    except RaygptError:
-        return f"{TRAINER_STATE_FILE} is not valid JSON"
-    return files_problem(state, sizes.get, (lambda name: storage.sha256(join(uri, name))) if hashes else None)
-
-
-@dataclass
-class ResumeChoice:
-    """The checkpoint a run resumes from, and those newer ones it passed over."""
-
-    uri: str | None
-    """None: no checkpoint to resume from (a new run, or only saves cut off before their end)."""
-    skipped: list[tuple[str, str]]
-    """(folder name, what is wrong with it), newest first."""
-    checked: str = "sha256"
-    """How the chosen one was checked: ``sha256``, or ``sizes`` for one saved before digests."""
-
-    @property
-    def name(self) -> str | None:
-        return self.uri.rstrip("/").rsplit("/", 1)[-1] if self.uri else None
-
-
-def describe_skipped(skipped: list[tuple[str, str]]) -> str:
-    return "; ".join(f"skipped {name}: {problem}" for name, problem in skipped)
-
-
-def choose_checkpoint(run_uri: str, names: list[str], problem_of: Callable[[str], str | None]) -> ResumeChoice:
-    """The first of ``names`` (newest first) for which ``problem_of`` finds nothing wrong.
-
-    A RaygptError when there are checkpoints but none is intact: training from scratch would
-    throw the run away. Folders that never got a ``trainer_state.json`` (every save cut off
-    before its end: the first save of a run killed mid-upload) do not count: the run starts over.
-    """
-    skipped: list[tuple[str, str]] = []
-    for name in names:
-        problem = problem_of(name)
-        if problem is None:
-            return ResumeChoice(join(run_uri, name), skipped)
-        skipped.append((name, problem))
-    if any(problem != NO_STATE for _, problem in skipped):
-        raise RaygptError(f"run {run_uri}: none of its {len(skipped)} checkpoint(s) is intact ("
-                          + "; ".join(f"{name}: {problem}" for name, problem in skipped)
-                          + "): put an intact copy back, or start a new run name (or delete the run folder to "
-                            "train it from scratch)")
-    return ResumeChoice(None, skipped)
-
-
-def choose_resume_checkpoint(run_uri: str, storage: Storage) -> ResumeChoice:
-    """The newest complete and intact checkpoint of a run in the store (every file hashed)."""
-    choice = choose_checkpoint(run_uri, checkpoint_names(run_uri, storage),
-                               lambda name: stored_checkpoint_problem(join(run_uri, name), storage))
-    if choice.uri is not None and not storage.read_json(join(choice.uri, TRAINER_STATE_FILE)).get("sha256"):
-        choice.checked = "sizes"
-    return choice
 
 
 def save_model_dir(model: GPT, config: GPTConfig, path: str | Path) -> None:

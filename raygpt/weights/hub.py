@@ -23,8 +23,8 @@ import yaml
 from raygpt import __version__
 from raygpt.errors import RaygptError
 from raygpt.stages import HELLASWAG_FILE, JUDGE_SUMMARY_FILE, RUN_RECORD_FILE, TEST_LOSS_FILE, eval_dir, judge_dir
-from raygpt.storage import Storage, join
-from raygpt.weights.checkpoint import CHECKPOINT_PREFIX
+from raygpt.storage import Storage, join, without_credentials
+from raygpt.weights.layout import CHECKPOINT_PREFIX
 from raygpt.weights.refs import IFT_METRICS_FILE, IFT_PREFIX, OPENAI_PREFIX, fine_tuned_folder
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -88,7 +88,9 @@ def _result_for(document: dict[str, Any] | None, ids: set[str], folder: str | No
 
 
 def model_card(facts: dict[str, Any], repo_id: str | None = None) -> str:
-    """The model card (``README.md``) of an exported model, from ``model_facts``."""
+    """The model card (``README.md``) of an exported model, from ``model_facts``. A URL's
+    user:password in any of them (a run record of an older raygpt kept one) stays out."""
+    facts = without_credentials(facts)
     info, run, manifest = facts["info"], facts["run"] or {}, facts["manifest"] or {}
     config = info.get("config") or {}
     ref = facts["ref"]
