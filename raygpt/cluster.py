@@ -5,8 +5,11 @@ logs every report under a logger named after an internal file (``quiet_report_lo
 controller's report polling is a setting read from the environment
 (``poll_reports_often``), workers put the driver's folder first on their path, where a
 ``raygpt/`` checkout would shadow the installed package (``package_root``), Ray turns a
-loopback node address into the machine's own (``_start_local``), and ``ray.init`` retries an
-address that does not answer for minutes (``check_reachable``).
+loopback node address into the machine's own (``_start_local``), ``ray.init`` retries an
+address that does not answer for minutes (``check_reachable``), and why an attempt ended is
+read from Ray Train's wrapper of a lost worker's error, Ray's actor table and the raylets'
+own health check (``classify_failure``). How an elastic run continues on the nodes that
+answer is ``raygpt.train.elastic``.
 """
 
 from __future__ import annotations
@@ -15,11 +18,16 @@ import logging
 import os
 import re
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import ray
 
 from raygpt.errors import RaygptError, last_line
+from raygpt.storage import StoreUnreachableError
+from raygpt.storage.retry import StoreUnavailableError
+
+logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 REACH_TIMEOUT_S = 5.0
@@ -170,9 +178,21 @@ def package_root() -> str | None:
     return None if root in site_folders else str(root)
 
 
-# Settings (never credentials) that say where local copies live. Ray's workers inherit the
-# environment of the node they run on, not the driver's, so tasks get these explicitly.
-FORWARDED_ENV = ("RAYGPT_HF_DIR", "RAYGPT_BPE_DIR", "RAYGPT_CACHE_DIR", "HF_HOME", "HF_HUB_OFFLINE", "HF_ENDPOINT")
+ON_HEAD_NODE = {"node:__internal_head__": 0.001}
+"""Resources that place an actor on the head node and reserve nothing anything else needs: the
+resource Ray gives its head node by this name (Ray Train places its state actor with the same
+request; no public API names it). A sweep's trials, each only the driver of its run, go there:
+the head is on demand in raygpt's cluster files, so a spot reclaim never takes a run's driver."""
+
+FAIL_AT_STEP_ENV = "RAYGPT_TEST_FAIL_AT_STEP"
+"""Fault injection for tests, kept out of the user's spec: set to k, the last training worker
+exits hard at step k, once per run."""
+
+# Settings (never credentials) that say where local copies live, and the tests' fault
+# injection. Ray's workers inherit the environment of the node they run on, not the driver's,
+# so tasks get these explicitly.
+FORWARDED_ENV = ("RAYGPT_HF_DIR", "RAYGPT_BPE_DIR", "RAYGPT_CACHE_DIR", "HF_HOME", "HF_HUB_OFFLINE", "HF_ENDPOINT",
+                 FAIL_AT_STEP_ENV)
 
 
 def forwarded_env() -> dict[str, str]:
@@ -191,10 +211,8 @@ def cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def failure_message(error: BaseException, what: str = "training") -> str:
-    """The user-facing message inside a Ray failure (Ray Train's ``TrainingFailedError``, a
-    task's ``RayTaskError``): the first RaygptError among the causes and the workers'
-    exceptions, else the last line of the first one's error."""
+def _failure_chain(error: BaseException):
+    """``error``, its causes and the workers' exceptions inside a Ray failure, each once."""
     seen: set[int] = set()
     pending = [error]
     while pending:
@@ -202,13 +220,134 @@ def failure_message(error: BaseException, what: str = "training") -> str:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, RaygptError):
-            return str(e)
-        pending.extend([getattr(e, "cause", None), e.__cause__, getattr(e, "controller_failure", None)])
+        yield e
+        pending.extend([getattr(e, "cause", None), e.__cause__, getattr(e, "controller_failure", None),
+                        getattr(e, "_base_exc", None)])
         pending.extend(getattr(e, "worker_failures", {}).values())
+
+
+def store_outage(error: BaseException) -> BaseException | None:
+    """The store outage that outlasted ``storage.retry_minutes`` inside a Ray failure, or None."""
+    return next((e for e in _failure_chain(error) if isinstance(e, (StoreUnavailableError, StoreUnreachableError))),
+                None)
+
+
+def failure_message(error: BaseException, what: str = "training") -> str:
+    """The user-facing message inside a Ray failure (Ray Train's ``TrainingFailedError``, a
+    task's ``RayTaskError``): a store outage that outlasted the retries, else the first
+    RaygptError among the causes and the workers' exceptions, else the last line of the first
+    one's error."""
+    outage = store_outage(error)
+    if outage is not None:
+        return (f"{what} stopped: the store did not answer ({last_line(str(outage))}); run the same command again "
+                "once it answers: the run resumes from its last checkpoint")
+    raygpt_error = next((e for e in _failure_chain(error) if isinstance(e, RaygptError)), None)
+    if raygpt_error is not None:
+        return str(raygpt_error)
     failures = getattr(error, "worker_failures", None) or {}
     first = next(iter(failures.values()), error)
     return f"{what} failed: {last_line(str(first))[:400]} (see the worker logs)"
+
+
+FAILURE_KINDS = ("node lost", "worker lost", "worker error")
+"""Why a worker failed, the most telling first: a node that goes takes its workers along, and
+their peers' collectives fail too."""
+
+
+def alive_nodes() -> set[str]:
+    """The ids of the nodes Ray's node table holds alive."""
+    return {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+
+
+HEALTH_CHECK_TIMEOUT_S = 2.0
+"""How long a node's raylet has to answer ``lost_nodes``' health check."""
+
+
+def lost_nodes(node_ids: set[str]) -> set[str]:
+    """Of ``node_ids``, those Ray's node table holds dead, and those whose raylet does not
+    answer the gRPC health check the GCS itself sends every 3 s within
+    ``HEALTH_CHECK_TIMEOUT_S``: a node killed outright or frozen is dead in the node table
+    only after 5 failed checks (15 s), and its workers' peers fail first, in a collective."""
+    import grpc
+
+    table = {node["NodeID"]: node for node in ray.nodes()}
+
+    def answers(node_id: str) -> bool:
+        node = table.get(node_id)
+        if node is None or not node["Alive"]:
+            return False
+        with grpc.insecure_channel(f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}") as channel:
+            try:
+                channel.unary_unary("/grpc.health.v1.Health/Check")(b"", timeout=HEALTH_CHECK_TIMEOUT_S)
+            except grpc.RpcError:
+                return False
+        return True
+
+    ids = sorted(node_ids)
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(ids)))) as pool:
+        return {node for node, up in zip(ids, pool.map(answers, ids)) if not up}
+
+
+def crashed_actors(actor_ids: set[str]) -> set[str]:
+    """Of ``actor_ids``, those whose process died (it crashed, was killed by a signal or for
+    memory, or its node went), by Ray's actor table (``ray._private.state.actors`` reads the
+    GCS's table; the public State API needs the dashboard). Actors Ray Train stopped itself
+    (``RAY_KILL``) are not among them."""
+    from ray._private.state import actors
+    from ray.core.generated.common_pb2 import ActorDiedErrorContext
+
+    died = {ActorDiedErrorContext.WORKER_DIED, ActorDiedErrorContext.NODE_DIED}
+    crashed = set()
+    for actor in actor_ids:
+        info = actors(actor_id=actor) or {}
+        cause = info.get("DeathCause")
+        if info.get("State") != "DEAD" or cause is None:
+            continue
+        if cause.HasField("oom_context") or (cause.HasField("actor_died_error_context")
+                                             and cause.actor_died_error_context.reason in died):
+            crashed.add(actor)
+    return crashed
+
+
+def worker_failure_kind(error: BaseException | None, node_lost: bool, process_died: bool) -> str:
+    """Why a training worker failed, from Ray's exception types and the state of its node and
+    process (``lost_nodes``, ``crashed_actors``):
+
+    - ``node lost``: its node does not answer, or its actor is gone and Ray could not reach
+      the node either (``ActorUnavailableError``);
+    - ``worker lost``: its process died on a node that answers (out of memory, a signal, a
+      crash), by Ray's actor table or its exception (``RayActorError``);
+    - ``worker error``: the training code raised (a peer's collective failing included).
+
+    Ray Train reports a worker that no longer answers as ``WorkerHealthCheckFailedError``
+    (not public API), whose ``health_check_failure`` is Ray's own exception.
+    """
+    from ray.exceptions import ActorUnavailableError, RayActorError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    cause = error.health_check_failure if isinstance(error, WorkerHealthCheckFailedError) else error
+    if node_lost or isinstance(cause, ActorUnavailableError):
+        return "node lost"
+    if process_died or isinstance(cause, RayActorError):
+        return "worker lost"
+    return "worker error"
+
+
+def classify_failure(errors: dict[int, BaseException], nodes: list[str | None],
+                     actors: list[str | None]) -> tuple[int, str, set[str]]:
+    """Why an attempt ended: (the rank that says it best, its kind, the lost nodes), from
+    the workers' ``errors`` by rank and where each rank ran (``nodes``, ``actors``: from the
+    attempt's first report; empty when it failed before). A node that goes takes its workers
+    along, and their peers' collectives fail first: every rank is looked at, not only the
+    ones whose errors came in."""
+    lost = lost_nodes({node for node in nodes if node})
+    dead = crashed_actors({actor for actor in actors if actor})
+    ranks = sorted(set(errors) | set(range(len(nodes))))
+    kinds = {rank: worker_failure_kind(errors.get(rank), rank < len(nodes) and nodes[rank] in lost,
+                                       rank < len(actors) and actors[rank] in dead) for rank in ranks}
+    told = {rank: kind for rank, kind in kinds.items() if rank in errors or kind != "worker error"}
+    rank = min(told, key=lambda r: (FAILURE_KINDS.index(told[r]), r))
+    return rank, told[rank], lost
 
 
 def quiet_report_logs() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from raygpt.train.attempts import AttemptLog, attempt_segments, describe_attempts, failure_kind
+from raygpt.train.attempts import AttemptLog, attempt_segments, close_orphaned, describe_attempts
 from raygpt.train.saving import SaveSchedule
 
 
@@ -13,7 +13,7 @@ def test_attempts_record_sizes_reasons_recomputation_and_lost_time():
     log.begin({"resumed_from_step": 0, "world_size": 8, "attempt_started": 100.0, "first_step_at": 110.0})
     for step in (10, 412, 420):
         log.report({"step": step})
-    log.failed(RuntimeError("The actor died because its node has died."))
+    log.failed("node lost", "The actor died because its node has died.")
     log.attempts[-1]["ended_at"] = 500.0
     log.begin({"resumed_from_step": 412, "world_size": 6, "attempt_started": 520.0, "first_step_at": 560.0})
     log.report({"step": 980, "checkpoint_reason": "preemption"})
@@ -32,13 +32,30 @@ def test_attempts_record_sizes_reasons_recomputation_and_lost_time():
     assert resumed.attempts[-1]["attempt"] == 4
 
 
-def test_failure_kinds():
-    class RayActorError(Exception):
-        pass
+def test_an_attempt_ends_at_its_last_step_not_when_ray_noticed():
+    log = AttemptLog()
+    log.begin({"resumed_from_step": 0, "world_size": 2, "attempt_started": 100.0, "first_step_at": 105.0})
+    log.report({"step": 8, "time": 120.0})
+    log.failed("node lost", "ActorUnavailableError")  # a frozen node: Ray notices a minute later
+    first = log.attempts[0]
+    assert first["ended_at"] == 120.0 and first["noticed_at"] > 1e9
+    log.begin({"resumed_from_step": 8, "world_size": 2, "attempt_started": 185.0, "first_step_at": 192.0})
+    assert first["seconds_to_next_step"] == 72.0
 
-    assert failure_kind(RayActorError("the worker died")) == "worker lost"
-    assert failure_kind(ValueError("bad shard")) == "worker error"
-    assert failure_kind("the actor's node has died") == "node lost"
+
+def test_an_attempt_a_lost_driver_left_open_ends_at_its_last_recorded_step():
+    log = AttemptLog()
+    log.begin({"resumed_from_step": 0, "world_size": 2, "first_step_at": 5.0})
+    log.report({"step": 4, "time": 10.0})  # the last step run.json heard of
+    records = [{"step": s, "time": 10.0 + s} for s in (4, 8, 12)]  # metrics.jsonl knows more
+    closed = close_orphaned(log.attempts, records)
+    assert closed[0]["ended"] == "driver lost" and "open" not in closed[0]
+    assert (closed[0]["last_step"], closed[0]["ended_at"]) == (12, 22.0)
+    assert log.attempts[0]["open"]  # the list given is left as it was
+    resumed = AttemptLog(closed)
+    resumed.begin({"resumed_from_step": 8, "world_size": 2, "first_step_at": 40.0})
+    assert (closed[0]["ended"], resumed.attempts[0]["recomputed_after"]) == ("driver lost", 4)
+    assert resumed.attempts[0]["seconds_to_next_step"] == 18.0
 
 
 def test_saves_by_step_minutes_notice_and_end_with_checks_every_few_seconds():

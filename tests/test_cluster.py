@@ -96,3 +96,25 @@ def test_a_local_instance_listens_on_loopback_only(tmp_path):
     assert {"gcs_server", "raylet"} <= names, report
     elsewhere = [s for s in report["listening"] if s[1] not in ("127.0.0.1", "::ffff:127.0.0.1")]
     assert elsewhere == [], report
+
+
+def test_a_failed_worker_is_classified_by_ray_exception_type_and_node_state():
+    """The unit half of tests/test_spot.py::test_a_killed_worker_and_a_killed_node_are_told_apart:
+    Ray Train wraps a worker that stopped answering in WorkerHealthCheckFailedError."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    from raygpt.cluster import worker_failure_kind
+
+    def checked(error):
+        return WorkerHealthCheckFailedError("A worker health check failed. node_id='n1' died", error)
+
+    gloo = RuntimeError("[/pair.cc:553] Connection closed by peer: the node has died")  # no substring decides
+    assert worker_failure_kind(checked(ActorDiedError()), node_lost=False, process_died=True) == "worker lost"
+    assert worker_failure_kind(checked(ActorDiedError()), node_lost=True, process_died=True) == "node lost"
+    unreachable = checked(ActorUnavailableError("connection refused", None))
+    assert worker_failure_kind(unreachable, node_lost=False, process_died=False) == "node lost"
+    assert worker_failure_kind(gloo, node_lost=False, process_died=False) == "worker error"
+    assert worker_failure_kind(gloo, node_lost=False, process_died=True) == "worker lost"  # its own process went
+    assert worker_failure_kind(gloo, node_lost=True, process_died=False) == "node lost"
+    assert worker_failure_kind(None, node_lost=False, process_died=True) == "worker lost"  # no error collected yet

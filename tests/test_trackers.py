@@ -8,7 +8,9 @@ from __future__ import annotations
 import glob
 import json
 import pickle
+import socket
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -79,6 +81,10 @@ def test_tracker_points_log_every_step_loss_and_the_report_scalars_at_its_step()
     assert points[0][1] == {"train/loss": pytest.approx(9.7)}
     assert points[1][1] == {"train/loss": pytest.approx(9.6), "train/tokens": 256.0, "train/lr": 1e-3,
                             "train/grad_norm": 0.5, "train/tokens_per_s": 1000.0, "val/loss": 9.5}
+    # A step skipped for a non-finite loss has no point; its neighbours keep theirs.
+    skipped = tracker_points({"step": 4, "step_losses": {"3": float("nan"), "4": 9.6}, "loss": 9.6,
+                              "grad_norm": float("inf"), "skipped_steps": [3]})
+    assert skipped == [(4, {"train/loss": pytest.approx(9.6)})]
     # IFT reports have no per-step losses: their loss is the window's.
     assert tracker_points({"step": 50, "loss": 1.5, "val_loss": 1.7, "epoch": 0.5}) == [
         (50, {"train/loss": 1.5, "train/epoch": 0.5, "val/loss": 1.7})]
@@ -203,7 +209,7 @@ def test_mlflow_logs_each_step_once_and_a_resumed_run_continues_the_same_run(mlf
     from mlflow.tracking import MlflowClient
 
     spec = load_spec(None, ["name=tracked", "log.trackers=[mlflow]", f"log.mlflow_tracking_uri={mlflow_store}",
-                            "log.project=raygpt-tests", "train.lr=0.002"])
+                            "log.project=raygpt-tests", "train.lr=0.002", "log.tags=[variant:wd-0.01, seed:7, baseline]"])
     config = recorded_spec(spec)
     first = prepare_trackers(spec.log, spec.name, str(tmp_path / "tb"), config)
     run_ids = []
@@ -221,6 +227,7 @@ def test_mlflow_logs_each_step_once_and_a_resumed_run_continues_the_same_run(mlf
     assert run.info.status == "FINISHED" and run.info.run_name == "tracked"
     assert client.get_experiment(run.info.experiment_id).name == "raygpt-tests"
     assert run.data.params["train.lr"] == "0.002" and run.data.params["log.trackers"] == "['mlflow']"
+    assert run.data.tags["variant"] == "wd-0.01" and run.data.tags["seed"] == "7" and run.data.tags["baseline"] == ""
     history = client.get_metric_history(run.info.run_id, "train/loss")
     # Steps 7 and 8 were logged by the session that died; the next one trains them again (the
     # stream only knows what metrics.jsonl kept) and asks the run what it has: once each.
@@ -253,16 +260,28 @@ def test_a_session_that_fails_marks_its_mlflow_run_failed_and_a_resume_runs_it_a
     assert client.get_run(ids["mlflow"]["run_id"]).info.status == "FINISHED"
 
 
+def test_an_unreachable_mlflow_server_is_one_error_without_the_password_of_its_url(monkeypatch):
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    spec = load_spec(None, ["log.trackers=[mlflow]", f"log.mlflow_tracking_uri=http://u:pw-Mq4@127.0.0.1:{port}"])
+    with pytest.raises(RaygptError) as err:
+        prepare_trackers(spec.log, "run", "/tmp/tb", recorded_spec(spec))
+    assert f"cannot set up a run at http://127.0.0.1:{port} " in str(err.value) and "pw-Mq4" not in str(err.value)
+
+
 # ---------------------------------------------------------------------------------------------
 # W&B offline: the run files read back
 
 
-def read_wandb_history(run_file: str) -> list[dict]:
-    """The history rows of an offline ``run-<id>.wandb`` file (LevelDB-style log of protobuf records)."""
+def read_wandb_records(run_file: str) -> list:
+    """The records of an offline ``run-<id>.wandb`` file (LevelDB-style log of protobuf records)."""
     from wandb.proto import wandb_internal_pb2
 
     data = Path(run_file).read_bytes()
-    block, position, pending, records = 32768, 7, b"", []  # 7: the ":W&B" file header
+    block, position, pending, payloads = 32768, 7, b"", []  # 7: the ":W&B" file header
     while position + 7 <= len(data):
         left = block - position % block
         if left < 7:  # a block's tail too short for a record header is padding
@@ -275,36 +294,56 @@ def read_wandb_history(run_file: str) -> list[dict]:
         payload = data[position + 7:position + 7 + length]
         position += 7 + length
         if kind == 1:  # full
-            records.append(payload)
+            payloads.append(payload)
         elif kind == 2:  # first
             pending = payload
         elif kind == 3:  # middle
             pending += payload
         else:  # last
-            records.append(pending + payload)
-    rows = []
-    for raw in records:
+            payloads.append(pending + payload)
+    records = []
+    for raw in payloads:
         record = wandb_internal_pb2.Record()
         record.ParseFromString(raw)
-        if record.WhichOneof("record_type") == "history":
-            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                         for item in record.history.item})
-    return rows
+        records.append(record)
+    return records
+
+
+def read_wandb_history(run_file: str) -> list[dict]:
+    """The history rows of an offline run file."""
+    return [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            for record in read_wandb_records(run_file) if record.WhichOneof("record_type") == "history"]
+
+
+def wait_for_wandb_exit(run_files: list[str], ceiling_s: float = 300) -> None:
+    """Until every run file holds its run's exit record. ``run.finish()`` returns before W&B's
+    service process has written a run's last records to an offline file (it goes on writing
+    them, even when the process that logged them is killed right after: tried 6 times under
+    a throttled CPU); ``ceiling_s`` only stops a hang."""
+    ceiling = time.monotonic() + ceiling_s
+    while not all(any(r.WhichOneof("record_type") == "exit" for r in read_wandb_records(f)) for f in run_files):
+        assert time.monotonic() < ceiling, f"no exit record in {run_files} after {ceiling_s} s"
+        time.sleep(0.1)
 
 
 def test_wandb_offline_logs_each_step_once_under_one_run_id(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    spec = load_spec(None, ["name=tracked", "log.trackers=[wandb]", f"log.wandb_dir={tmp_path / 'wandb'}"])
+    spec = load_spec(None, ["name=tracked", "log.trackers=[wandb]", f"log.wandb_dir={tmp_path / 'wandb'}",
+                            "log.tags=[variant:wd-0.01, seed:7]"])
     first = prepare_trackers(spec.log, spec.name, str(tmp_path / "tb"), {})
+    assert first["wandb"]["tags"] == ["variant:wd-0.01", "seed:7"]
     assert first["wandb"]["mode"] == "offline" and len(first["wandb"]["id"]) == 8
     two_sessions(lambda: tracker_sinks(prepare_trackers(spec.log, spec.name, "", {}, previous=first), Storage(),
                                        {"spec": "x"}, final_step=10))
     run_files = sorted(glob.glob(str(tmp_path / "wandb" / "wandb" / "offline-run-*" / f"run-{first['wandb']['id']}.wandb")))
     assert len(run_files) == 2  # one per session, the same run id: `wandb sync` joins them
+    wait_for_wandb_exit(run_files)
     losses = {}
     for run_file in run_files:
+        runs = [r.run for r in read_wandb_records(run_file) if r.WhichOneof("record_type") == "run"]
+        assert runs and all(list(run.tags) == ["variant:wd-0.01", "seed:7"] for run in runs)
         for row in read_wandb_history(run_file):
             if "train/loss" in row:
                 losses.setdefault(row["_step"], []).append(row["train/loss"])

@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
 
+from raygpt.cluster import FAIL_AT_STEP_ENV
 from raygpt.config import load_spec
 from raygpt.errors import RaygptError
 from raygpt.storage import Storage, join
 from raygpt.train.launch import train
 from raygpt.train.metrics import read_metrics, step_losses
 from raygpt.train.plan import plan_run
-from raygpt.weights.checkpoint import latest_checkpoint
+from raygpt.weights.integrity import checkpoint_problem, latest_checkpoint
 from raygpt.weights.refs import load_model
 
 MAX_STEPS = 8
@@ -150,7 +152,7 @@ def test_run_on_s3_with_async_checkpoints(s3_run, s3_server):
     assert first["resumed_from_step"] == 0 and first["world_size"] == 2 and len(first["devices"]) == 2
     assert "step 8/8 loss" in s3_run["driver_output"]
 
-    # Checkpoints: Ray Train keeps the last two, each holding every component.
+    # Checkpoints: the last two are kept (checkpoint.keep), each holding every component.
     names = storage.list(run)
     assert [n for n in names if n.startswith("checkpoint_0")] == ["checkpoint_00000006", "checkpoint_00000008"]
     assert sorted(storage.list(join(run, "checkpoint_00000008"))) == [
@@ -166,7 +168,17 @@ def test_run_on_s3_with_async_checkpoints(s3_run, s3_server):
     assert len(record["dataset"]["manifest_sha256"]) == 64
     assert {"torch", "ray", "numpy", "pyarrow", "tiktoken"} <= set(record["packages"])
     assert record["plan"]["grad_accum_steps"] == 2 and record["hardware"]["workers"] == 2
+    assert record["lease"] == {"method": "conditional writes"}  # SeaweedFS enforces If-None-Match / If-Match
     assert record["final"]["step"] == MAX_STEPS and record["final"]["val_loss"] == records[-1]["val_loss"]
+    # Where the time from ray.init to the first step went, part by part (they add up to no more).
+    startup = record["startup"]
+    parts = ("ray_start_s", "driver_s", "workers_start_s", "checkpoint_fetch_s", "model_s", "data_open_s",
+             "checkpoint_load_s", "wrap_s", "first_batch_s", "first_step_s")
+    assert set(startup) == {*parts, "to_first_step_s"} and all(startup[k] >= 0 for k in parts)
+    assert sum(startup[k] for k in parts) <= startup["to_first_step_s"] + 0.01
+    stalls = [r["checkpoint_stall_parts"] for r in records if "checkpoint_stall_parts" in r]
+    assert len(stalls) == 3 and all(set(s) == {"reports_s", "previous_write_s", "copy_s", "other_s"} for s in stalls)
+    assert [r.get("val_s", 0) > 0 for r in records if "val_loss" in r] == [True, True]
 
     # Evaluation and fine-tuning read the newest checkpoint by run name.
     model, info = load_model("s3run", spec, storage)
@@ -186,7 +198,7 @@ def test_run_on_s3_with_async_checkpoints(s3_run, s3_server):
 
 
 @pytest.mark.integration
-def test_a_run_interrupted_twice_computes_the_same_losses(reference, tiny_dataset, tmp_path):
+def test_a_run_interrupted_twice_computes_the_same_losses(reference, tiny_dataset, tmp_path, monkeypatch):
     """A lost cluster (the run is started again: Ray Train resumes it by name from storage),
     then a lost worker (FailureConfig restarts the workers from the last checkpoint). Local
     storage and synchronous uploads this time: neither changes the maths either."""
@@ -194,8 +206,9 @@ def test_a_run_interrupted_twice_computes_the_same_losses(reference, tiny_datase
                             "checkpoint.async_upload=false"))
     assert first["status"] == "stopped" and first["final"]["step"] == 3 and first["sessions"] == 1
 
-    second = train(tiny_spec(str(tmp_path), tiny_dataset, "twice", "train.fail_at_step=5",
-                             "checkpoint.async_upload=false"))
+    monkeypatch.setenv(FAIL_AT_STEP_ENV, "5")  # the driver forwards it to the workers
+    second = train(tiny_spec(str(tmp_path), tiny_dataset, "twice", "checkpoint.async_upload=false"))
+    monkeypatch.delenv(FAIL_AT_STEP_ENV)
     assert second["status"] == "finished" and second["sessions"] == 2 and second["restarts"] == 1
     records = read_metrics(str(tmp_path / "twice"), Storage())
     # Bitwise: dropout masks, data order, optimizer and schedule all continue where they were.
@@ -251,39 +264,95 @@ def flip_inside(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def edit_step(checkpoint: Path, step: int) -> None:
+    """What the fault experiment did: ``"step": 6`` changed by hand, every other file intact."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    (checkpoint / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=2))
+
+
+# Damage, the problem it is skipped for, and whether it is a partial folder (a save cut off:
+# deleted when the run resumes) rather than a complete one changed since (deleted at a save).
 DAMAGE = {
-    "optimizer-truncated": (lambda c: truncate(c / "optimizer.pt"), r"optimizer.pt holds \d+ bytes"),
-    "model-bytes-changed": (lambda c: flip_inside(c / "model.pt"), r"model.pt differs from the SHA-256"),
+    "optimizer-truncated": (lambda c: truncate(c / "optimizer.pt"), r"optimizer.pt holds \d+ bytes", True),
+    "model-bytes-changed": (lambda c: flip_inside(c / "model.pt"), r"model.pt differs from the SHA-256", False),
+    "state-edited": (lambda c: edit_step(c, 7), r"trainer_state.json differs from the SHA-256 it records of itself",
+                     False),
 }
 
 
+def age(folder: Path, seconds: float) -> None:
+    """Date every file of ``folder`` ``seconds`` back: written by a writer long gone."""
+    for path in folder.iterdir():
+        os.utime(path, (time.time() - seconds,) * 2)
+
+
 @pytest.mark.integration
-# Every kind of damage is told apart in tests/test_checkpoint.py; end to end, the two that
-# went wrong in different ways before: a PyTorch archive error, and bytes used without a word.
+# Every kind of damage is told apart in tests/test_checkpoint.py; end to end, the three that
+# went wrong in different ways before: a PyTorch archive error, bytes used without a word, and
+# an edited step resumed from.
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_resumes_from_the_previous(
-        damage, six_steps, reference, tiny_dataset, tmp_path, capsys):
+        damage, six_steps, reference, tiny_dataset, tmp_path, capsys, caplog):
     import re
 
+    from raygpt.weights.retention import QUIET_S
+
     run = copy_run(six_steps, tmp_path, "damaged")
-    corrupt, problem = DAMAGE[damage]
+    corrupt, problem, partial = DAMAGE[damage]
     corrupt(run / "checkpoint_00000006")
+    age(run / "checkpoint_00000006", QUIET_S + 1)
+    # What a killed driver's workers leave after its last checkpoint: rank 1's part of a save alone.
+    (run / "checkpoint_00000005").mkdir()
+    (run / "checkpoint_00000005" / "rng_rank1.pt").write_bytes(b"rank 1 only")
+    age(run / "checkpoint_00000005", QUIET_S + 1)
     summary = train(tiny_spec(str(tmp_path), tiny_dataset, "damaged", "checkpoint.async_upload=false"))
     output = capsys.readouterr()
     assert re.search(r"skipped checkpoint \S*checkpoint_00000006: " + problem, output.err), output.err
+    removed = {line.split("removed the partial checkpoint folder ")[1].split(" ")[0].rsplit("/", 1)[-1]
+               for line in caplog.text.splitlines() if "removed the partial checkpoint folder" in line}
+    assert removed == ({"checkpoint_00000006"} if partial else set()) | {"checkpoint_00000005"}
     assert "resuming from " in output.err and "checkpoint_00000003, the newest intact checkpoint" in output.err
     assert summary["status"] == "finished" and summary["final"]["step"] == MAX_STEPS
     assert summary["resumed_from"]["checkpoint"] == "checkpoint_00000003"
-    assert [s["checkpoint"] for s in summary["resumed_from"]["skipped"]] == ["checkpoint_00000006"]
+    assert [s["checkpoint"] for s in summary["resumed_from"]["skipped"]] == ["checkpoint_00000006",
+                                                                            "checkpoint_00000005"]
     records = read_metrics(str(run), Storage())
     assert [r["resumed_from_step"] for r in records if "resumed_from_step" in r] == [0, 3]
     first = next(r for r in records if r.get("resumed_from_step") == 3)
-    # Ray Train's listing named the damaged one; the workers took the driver's choice.
-    assert (first["resumed_from_checkpoint"], first["ray_checkpoint"]) == ("checkpoint_00000003", "checkpoint_00000006")
+    # The workers took the driver's choice; Ray Train's own listing, which named the damaged
+    # one, was removed before it started (raygpt keeps the checkpoints).
+    assert (first["resumed_from_checkpoint"], first["ray_checkpoint"]) == ("checkpoint_00000003", None)
     assert step_losses(records) == reference
-    # Step 6 was saved again beside the damaged folder, under its own name: Ray Train deletes
-    # its old checkpoints by folder, and must not take the new one with the damaged one.
-    assert "checkpoint_00000006.1" in {r.get("checkpoint") for r in records}
+    # Step 6 was saved again beside a damaged folder under its own name (folders are deleted
+    # whole); a partial one was gone by then. Kept: the two newest intact ones (keep 2) and the
+    # one resumed from; the damaged and the partial ones are gone, and every one left is intact.
+    saved_again = "checkpoint_00000006" if partial else "checkpoint_00000006.1"
+    assert saved_again in {r.get("checkpoint") for r in records}
+    left = sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint_0"))
+    assert left == ["checkpoint_00000003", saved_again, "checkpoint_00000008"]
+    assert all(checkpoint_problem(run / name) is None for name in left)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("loss", ["emptied", "deleted"])
+def test_a_run_whose_checkpoints_are_lost_stops_rather_than_train_again(loss, six_steps, tiny_dataset, tmp_path):
+    """run.json and metrics.jsonl say checkpoints 3 and 6 were saved, but their folders were
+    emptied (or are gone): the run must not start over from step 1 and report success."""
+    import shutil
+
+    run = copy_run(six_steps, tmp_path, "lost")
+    for checkpoint in run.glob("checkpoint_0*"):
+        shutil.rmtree(checkpoint)
+        if loss == "emptied":
+            checkpoint.mkdir()
+    metrics_before = (run / "metrics.jsonl").read_text()
+    with pytest.raises(RaygptError, match=r"run \S*lost: its records say 2 checkpoint\(s\) were saved, the last "
+                                          r"checkpoint_00000006 at step 6, but none is left intact \(" +
+                                          (r"checkpoint_00000006: no trainer_state.json .*" if loss == "emptied" else
+                                           r"no checkpoint folder at all") + r"\): put an intact copy back"):
+        train(tiny_spec(str(tmp_path), tiny_dataset, "lost"))
+    assert (run / "metrics.jsonl").read_text() == metrics_before  # nothing trained again, nothing written
+    assert json.loads((run / "run.json").read_text())["final"]["step"] == 6
 
 
 @pytest.mark.integration
@@ -308,13 +377,14 @@ def test_a_rerun_completes_the_record_a_driver_killed_during_the_final_upload_le
     record = json.loads((run / "run.json").read_text())
     record.update(status="running", final=None, finished=None)
     (run / "run.json").write_text(json.dumps(record))
+    kept = {key: record[key] for key in ("attempts", "cost", "sessions")}  # what the killed session recorded
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["step"] == MAX_STEPS
     (run / "metrics.jsonl").write_text("\n".join(lines[:-1]) + "\n")
     if not carried:  # a checkpoint of raygpt before 0.4: it carries no metrics
         state_file = run / os.path.basename(latest_checkpoint(str(run), Storage())) / "trainer_state.json"
         state = json.loads(state_file.read_text())
-        del state["recent_metrics"]
+        del state["recent_metrics"], state["state_sha256"]  # nor a digest of its own
         state_file.write_text(json.dumps(state))
     capsys.readouterr()
 
@@ -324,6 +394,7 @@ def test_a_rerun_completes_the_record_a_driver_killed_during_the_final_upload_le
     record = json.loads((run / "run.json").read_text())
     assert record["status"] == summary["status"] == "finished" and record["final"]["step"] == MAX_STEPS
     assert record["finished"] is not None and record["sessions"] == 2
+    assert {key: record[key] for key in kept} == kept and record["attempts"]
     records = read_metrics(str(run), Storage())
     if carried:
         assert step_losses(records) == reference and records[-1]["step"] == MAX_STEPS
@@ -335,3 +406,39 @@ def test_a_rerun_completes_the_record_a_driver_killed_during_the_final_upload_le
 
     again = train(spec)  # complete now: nothing to do
     assert again["status"] == "finished" and "nothing to do" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# A run that diverges (issue 19)
+
+
+@pytest.mark.integration
+def test_a_diverging_run_skips_its_non_finite_steps_then_stops_naming_them_and_saves_none_of_them(
+        ray_local, tiny_dataset, tmp_path):
+    """lr 1e4: the first steps throw the weights far, then every gradient norm is infinite. The
+    skipped steps never reach the weights, so the checkpoints saved meanwhile hold the last
+    finite step's; the third skip in a row stops the run before its save."""
+    import torch
+
+    spec = tiny_spec(str(tmp_path), tiny_dataset, "diverged", "train.lr=1e4", "train.warmup_steps=0",
+                     "train.log_interval=1", "train.val_interval=0", "checkpoint.interval=1",
+                     "checkpoint.async_upload=false", "checkpoint.keep=3", "train.max_nonfinite_skips=3")
+    with pytest.raises(RaygptError) as stopped:
+        train(spec)
+    run = tmp_path / "diverged"
+    records = read_metrics(str(run), Storage())
+    skipped = [step for r in records for step in r.get("skipped_steps", [])]
+    last = records[-1]["step"]
+    assert skipped == [last - 2, last - 1, last] and last < MAX_STEPS  # one step each report: the flags of each
+    assert str(stopped.value).startswith(
+        f"train: steps {last - 2}-{last}: 3 steps in a row had a non-finite loss or gradient norm and were skipped "
+        "(train.max_nonfinite_skips: 3): the training diverged; lower train.lr")
+    record = json.loads((run / "run.json").read_text())
+    assert record["status"] == "failed" and record["error"] == str(stopped.value)
+    assert record["final"]["skipped_steps"] == 3 and record["final"]["step"] == last
+    newest = latest_checkpoint(str(run), Storage())
+    assert newest.endswith(f"checkpoint_{last - 1:08d}")  # none at the step that stopped the run
+    finite = torch.load(Path(newest.replace("file://", "")) / "model.pt", weights_only=True)
+    assert all(torch.isfinite(t).all() for t in finite.values())
+    before = torch.load(run / f"checkpoint_{last - 3:08d}" / "model.pt", weights_only=True)
+    assert all(torch.equal(before[k], finite[k]) for k in before)  # the skipped steps changed nothing

@@ -18,14 +18,15 @@ from typing import Callable, TypeVar
 T = TypeVar("T")
 
 # Matched against the lowered text of an OSError. Permanent wins: pyarrow's text for a 403
-# can also mention the (successful) connection.
+# can also mention the (successful) connection, and a host name that does not resolve comes
+# as a NETWORK_CONNECTION error, though it is a wrong endpoint (or no network), not an outage.
 PERMANENT = ("access_denied", "accessdenied", "invalidaccesskeyid", "signaturedoesnotmatch", "forbidden",
              "nosuchbucket", "bucket does not exist", "nosuchkey", "path does not exist", "not found",
-             "no such file", "credentials", "invalid argument")
+             "no such file", "credentials", "invalid argument", "resolve host")
 TRANSIENT = ("network_connection", "couldn't connect", "could not connect", "connection refused",
              "connection reset", "connection was reset", "broken pipe", "timed out", "timeout",
              "service_unavailable", "slow_down", "internal_failure", "503", "502", "504",
-             "resolve host", "empty reply", "recv failure", "send failure", "curl error")
+             "empty reply", "recv failure", "send failure", "curl error")
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -16,8 +16,14 @@ class AttemptLog:
     An attempt begins with a report that carries ``resumed_from_step`` (the first of a set of
     workers) and ends when the next one begins, when a worker fails, or when the run ends.
     ``ended``: ``finished``, ``stopped`` (the session's last step), ``preemption notice`` (it
-    saved on a notice before it went), ``node lost``, ``worker lost``, ``worker error``, or
-    ``resize`` (Ray Train restarted it at another size with no failure).
+    saved on a notice before it went), ``node lost``, ``worker lost``, ``worker error``
+    (``raygpt.cluster.worker_failure_kind``), ``resize`` (Ray Train restarted it at another
+    size with no failure), ``interrupted``, ``failed``, or ``driver lost`` (its session's
+    driver went without a word: found open by the next session).
+
+    ``ended_at`` is when its last reported step ended (the workers' clock), not when Ray
+    noticed (``noticed_at``): a node that froze a minute before its health check failed cost
+    that minute, and ``seconds_to_next_step`` counts it.
     """
 
     def __init__(self, previous: list[dict[str, Any]] | None = None):
@@ -31,7 +37,7 @@ class AttemptLog:
         previous = self.current
         if previous is not None:
             self._end(previous, "preemption notice" if previous.get("notice") else "resize",
-                      report.get("attempt_started", time.time()))
+                      report.get("attempt_started") or time.time())
         attempt = {"attempt": len(self.attempts) + 1, "world_size": report.get("world_size"), "nodes": report.get("nodes"),
                    "resumed_from_step": report["resumed_from_step"], "first_step": report["resumed_from_step"] + 1,
                    "last_step": report["resumed_from_step"], "started": report.get("attempt_started"),
@@ -48,15 +54,17 @@ class AttemptLog:
         attempt = self.current
         if attempt is None:
             return
+        if report["step"] >= attempt["last_step"] and report.get("time") is not None:
+            attempt["last_step_at"] = report["time"]
         attempt["last_step"] = max(attempt["last_step"], report["step"])
         if report.get("checkpoint_reason") == "preemption":
             attempt["notice"] = True
 
-    def failed(self, error: BaseException | str) -> None:
+    def failed(self, kind: str, error: str) -> None:
+        """A worker failed (``kind``: ``raygpt.cluster.worker_failure_kind``; ``error``: its message)."""
         attempt = self.current
         if attempt is not None:
-            self._end(attempt, "preemption notice" if attempt.get("notice") else failure_kind(error), time.time(),
-                      error=str(error).strip().splitlines()[-1][:300] if str(error).strip() else type(error).__name__)
+            self._end(attempt, "preemption notice" if attempt.get("notice") else kind, time.time(), error=error[:300])
 
     def finish(self, status: str) -> None:
         attempt = self.current
@@ -64,22 +72,27 @@ class AttemptLog:
             self._end(attempt, status, time.time())
 
     @staticmethod
-    def _end(attempt: dict[str, Any], why: str, when: float, error: str | None = None) -> None:
+    def _end(attempt: dict[str, Any], why: str, noticed: float, error: str | None = None) -> None:
         attempt.pop("open", None)
-        attempt.update(ended=why, ended_at=when)
+        attempt.update(ended=why, ended_at=attempt.get("last_step_at") or noticed, noticed_at=noticed)
         if error:
             attempt["error"] = error
 
 
-def failure_kind(error: BaseException | str) -> str:
-    """``node lost``, ``worker lost`` (its process died) or ``worker error`` (an exception)."""
-    text = str(error).lower()
-    names = {cls.__name__ for cls in type(error).__mro__} if isinstance(error, BaseException) else set()
-    if "node" in text and ("died" in text or "dead" in text or "removed" in text):
-        return "node lost"
-    if names & {"RayActorError", "ActorDiedError", "ActorUnavailableError", "WorkerCrashedError"}:
-        return "worker lost"
-    return "worker error"
+def close_orphaned(attempts: list[dict[str, Any]], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The attempts an earlier session left in ``run.json``, its open one ended as ``driver
+    lost`` (its driver went without closing it) at the last step ``records`` (``metrics.jsonl``)
+    hold after the step it resumed from."""
+    attempts = [dict(a) for a in attempts]
+    if attempts and attempts[-1].get("open"):
+        attempt = attempts[-1]
+        after = [r for r in records if r["step"] > attempt["resumed_from_step"]]
+        if after:
+            attempt["last_step"] = max(attempt["last_step"], after[-1]["step"])
+            attempt["last_step_at"] = after[-1].get("time") or attempt.get("last_step_at")
+        attempt.pop("open")
+        attempt.update(ended="driver lost", ended_at=attempt.get("last_step_at"))
+    return attempts
 
 
 def attempt_segments(attempts: list[dict[str, Any]]) -> list[tuple[int, int, int]]:

@@ -3,7 +3,7 @@
 A checkpoint is the sum of the components' ``state_dict``: ``TrainerState`` (step, tokens,
 data cursor, schedule, grad scaler), ``RngState`` (this rank's generators), plus the model and
 optimizer. ``choose_precision`` is the one precision policy, used by pretraining and
-fine-tuning alike.
+fine-tuning alike; ``use_device`` the one way a process takes its device.
 """
 
 from __future__ import annotations
@@ -98,6 +98,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
+
+
+def use_device(device: str | torch.device) -> torch.device:
+    """``device`` as one specific device, made this process's current one when it is a GPU.
+
+    ``cuda`` alone becomes ``cuda:<current device>``: ``torch.cuda.set_device`` refuses a
+    device without an index, and the step's pinned buffers, events and memory counters all
+    mean one device. Every entry point that is handed a device name (the Ray Train worker, the
+    benchmarks) takes it through here."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise RaygptError(f"device {device}: no CUDA device here (torch {torch.__version__}, "
+                          f"CUDA {torch.version.cuda}); use cpu")
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    torch.cuda.set_device(device)
+    return device
 
 
 @dataclass

@@ -12,6 +12,7 @@ keeps history (a tracker) once only. Nothing here imports Ray.
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from raygpt.errors import RaygptError, last_line
+from raygpt.errors import RaygptError
 from raygpt.stages import METRICS_FILE
 from raygpt.storage import Storage, join
 from raygpt.train.attempts import AttemptLog
@@ -65,17 +66,31 @@ def peak_flops_of(name: str, precision: str) -> float | None:
     return None
 
 
+SLOW_STEP_S = 1.0
+"""A training step's call that kept the host longer than this is listed in its record: it
+compiled (the first steps) or compiled again (after validation or sampling, a new shape)."""
+
+
 class MetricsWindow:
     """Per-step losses since the last report. They stay on the device, and are summed across
     workers (each holds its part of a step's mean loss) in one collective per report, so a step
-    never waits for a host sync."""
+    never waits for a host sync. Each step's flag "skipped for a non-finite loss or gradient
+    norm" rides in the same collective: the record lists those steps (``skipped_steps``), its
+    ``loss`` is the mean of the others, and the window counts the skips in a row. A step whose
+    call kept the host over ``SLOW_STEP_S`` (compiling, or compiling again) is listed with its
+    seconds (``slow_steps``)."""
 
     def __init__(self, *, first_step: int, world_size: int, global_batch_tokens: int, flops_per_token: int,
                  peak_flops: float | None, device: torch.device):
         self.world_size, self.global_batch_tokens = world_size, global_batch_tokens
         self.flops_per_token, self.peak_flops, self.device = flops_per_token, peak_flops, device
         self.losses: list[torch.Tensor] = []
+        self.skipped: list[torch.Tensor] = []  # per step: skipped for a non-finite loss or gradient norm
         self.digests: list[int] = []  # this worker's share of each step's batch digest
+        self.slow_steps: dict[str, float] = {}
+        self.skipped_in_a_row = 0
+        """Steps skipped in a row up to the last flush, and the first of them (None when 0)."""
+        self.first_skipped: int | None = None
         self.first_step = first_step
         self.grad_norm: torch.Tensor | None = None
         self.lr = 0.0
@@ -83,8 +98,12 @@ class MetricsWindow:
         self.excluded_s = 0.0  # validation and checkpoint time: not training throughput
         self.step_time_s: float | None = None  # at the last flush, the mean over workers: the same on every rank
 
-    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, batch_digest: int = 0) -> None:
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, batch_digest: int = 0,
+            skipped: torch.Tensor | None = None, call_s: float = 0.0) -> None:
+        if call_s > SLOW_STEP_S:
+            self.slow_steps[str(self.first_step + len(self.losses))] = round(call_s, 3)
         self.losses.append(loss)
+        self.skipped.append(skipped if skipped is not None else torch.zeros((), dtype=torch.bool, device=loss.device))
         self.digests.append(batch_digest)
         self.grad_norm, self.lr = grad_norm, lr
 
@@ -94,27 +113,39 @@ class MetricsWindow:
     def flush(self, step: int, tokens_seen: int) -> dict[str, Any]:
         """The record for the steps since the last flush, ending at ``step`` (a collective)."""
         seconds = max(time.perf_counter() - self.started - self.excluded_s, 1e-9)
-        # One collective: every worker's part of each step's loss, and the window's seconds.
+        # One collective: every worker's part of each step's loss, the skip flags, and the window's seconds.
         n = len(self.losses)
-        sums = torch.cat([torch.stack(self.losses).double(),
+        sums = torch.cat([torch.stack(self.losses).double(), torch.stack(self.skipped).double(),
                           torch.tensor([*self.digests, seconds / n], dtype=torch.float64, device=self.device)])
         if self.world_size > 1:
             dist.all_reduce(sums)
         values = sums[:n].tolist()  # each worker's part of a step's loss: their sum is the global batch's
-        digests = [int(d) for d in sums[n:2 * n].tolist()]
+        skipped = [self.first_step + i for i, flag in enumerate(sums[n:2 * n].tolist()) if flag > 0]
+        digests = [int(d) for d in sums[2 * n:3 * n].tolist()]
         self.step_time_s = float(sums[-1]) / self.world_size
+        for i in range(n):
+            if self.first_step + i in skipped:
+                self.first_skipped = self.first_skipped or self.first_step + i
+                self.skipped_in_a_row += 1
+            else:
+                self.first_skipped, self.skipped_in_a_row = None, 0
+        trained = [v for i, v in enumerate(values) if self.first_step + i not in skipped]
         tokens_per_s = len(values) * self.global_batch_tokens / seconds
         achieved = self.flops_per_token * tokens_per_s / self.world_size
         record = {
-            "step": step, "tokens": tokens_seen, "loss": sum(values) / len(values),
+            "step": step, "tokens": tokens_seen, "loss": sum(trained) / len(trained) if trained else math.nan,
             "step_losses": {str(self.first_step + i): v for i, v in enumerate(values)},
             "step_batches": {str(self.first_step + i): d for i, d in enumerate(digests)},
             "lr": self.lr, "grad_norm": float(self.grad_norm), "tokens_per_s": tokens_per_s,
             "mfu": achieved / self.peak_flops if self.peak_flops else None, "time": time.time(),
         }
+        if skipped:
+            record["skipped_steps"] = skipped
+        if self.slow_steps:
+            record["slow_steps"], self.slow_steps = self.slow_steps, {}
         if self.device.type == "cuda":
             record["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        self.losses, self.digests, self.first_step = [], [], step + 1
+        self.losses, self.skipped, self.digests, self.first_step = [], [], [], step + 1
         self.started, self.excluded_s = time.perf_counter(), 0.0
         return record
 
@@ -167,15 +198,20 @@ class MetricsStream:
         return record
 
     def event(self, event: dict[str, Any]) -> None:
-        """Something that is not a step's metrics (a worker failure, a fatal setup error, the attempts)."""
+        """Something that is not a step's metrics (a worker failure, a fatal error, the attempts).
+        A fatal error ends the session (a setup error, training that diverged): the records so
+        far are flushed first."""
+        if "fatal_error" in event:
+            self.flush()
         for sink in self.sinks:
             sink.event(event)
 
-    def failed(self, error: BaseException, rank: int) -> None:
-        """A worker failed: the attempt ends; Ray Train restarts the workers (or gives up)."""
-        self.attempts.failed(error)
+    def failed(self, message: str, rank: int, kind: str) -> None:
+        """Rank ``rank`` failed with ``message`` (``kind``: why, ``raygpt.cluster.classify_failure``):
+        the attempt ends; Ray Train restarts the workers (or gives up)."""
+        self.attempts.failed(kind, message)
         self.flush()
-        self.event({"event": "worker_failure", "rank": rank, "error": last_line(str(error))})
+        self.event({"event": "worker_failure", "rank": rank, "kind": kind, "error": message})
         self.event({"event": "attempts", "attempts": self.attempts.attempts})
 
     def flush(self) -> None:
@@ -194,12 +230,12 @@ def read_metrics(run_uri: str, storage: Storage) -> list[dict[str, Any]]:
     if not storage.exists(uri):
         return []
     records = []
-    for number, line in enumerate(storage.read_text(uri).splitlines(), 1):
+    for number, line in enumerate(storage.read_bytes(uri).splitlines(), 1):
         if line.strip():
             try:
                 records.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise RaygptError(f"{uri}: line {number} is not valid JSON") from None
+            except ValueError:  # not JSON, or not UTF-8
+                raise RaygptError(f"{uri}: line {number} is not valid JSON (UTF-8)") from None
     return records
 
 
@@ -244,6 +280,24 @@ def describe_steps(steps: list[int]) -> str:
     return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans)
 
 
+def startup_times(ray_init_at: float, ray_ready_at: float, fit_at: float,
+                  records: list[dict[str, Any]]) -> dict[str, float]:
+    """Where a session's time from ``ray.init`` to its first training step went (seconds), from
+    the driver's clock at ``ray.init``, after it, and at ``TorchTrainer.fit``, and the first
+    report of the session (``records``): ``ray_start_s``; ``driver_s`` (run record, trackers,
+    the trainer); ``workers_start_s`` (Ray Train's controller, the worker processes and their
+    imports, the process group); the worker's own parts (``checkpoint_fetch_s``, ``model_s``,
+    ``data_open_s``, ``checkpoint_load_s``, ``wrap_s``, ``first_batch_s``); ``first_step_s``
+    (the first step's call: compilation); ``to_first_step_s``, all of it."""
+    times = {"ray_start_s": ray_ready_at - ray_init_at, "driver_s": fit_at - ray_ready_at}
+    first = next((r for r in records if "startup" in r), None)
+    if first is not None:
+        times["workers_start_s"] = first["attempt_started"] - fit_at
+        times.update(first["startup"])
+        times["to_first_step_s"] = first["first_step_at"] - ray_init_at
+    return {k: round(v, 3) for k, v in times.items()}
+
+
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Final metrics from a run's records: last step, tokens, loss, val loss, mean throughput."""
     if not records:
@@ -256,4 +310,5 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
             "val_loss": vals[-1]["val_loss"] if vals else None,
             "tokens_per_s": float(np.median([r["tokens_per_s"] for r in with_loss])) if with_loss else None,
             "mfu": last.get("mfu"),
-            "checkpoint_stall_s_max": max(stalls) if stalls else None}
+            "checkpoint_stall_s_max": max(stalls) if stalls else None,
+            "skipped_steps": sum(len(r.get("skipped_steps", [])) for r in records)}

@@ -13,8 +13,6 @@ from raygpt.config import RunSpec, worker_range
 from raygpt.data.batches import micro_batch_share
 from raygpt.errors import RaygptError
 from raygpt.model import config_from_spec
-from raygpt.train.parallel import STRATEGIES
-from raygpt.train.schedule import SCHEDULES
 
 
 @dataclass(frozen=True)
@@ -49,9 +47,6 @@ class TrainPlan:
 def plan_run(spec: RunSpec, train_tokens: int, use_gpu: bool) -> TrainPlan:
     """Check the batch arithmetic and derive the plan; every problem is a RaygptError naming its key."""
     t = spec.train
-    for key, known in (("schedule", SCHEDULES), ("parallel", STRATEGIES)):
-        if getattr(t, key) not in known:
-            raise RaygptError(f"train.{key}: unknown {key} {getattr(t, key)!r} (known: {', '.join(known)})")
     config = config_from_spec(spec.model)
     seq_len = t.seq_len or config.context_length
     if seq_len > config.context_length:

@@ -3,8 +3,8 @@
 The resolved spec, raygpt's version and git commit, package versions, the dataset's manifest
 hash, seeds, hardware, the final metrics, the experiment-tracker runs (``trackers``: what a
 resumed run logs to again) and the cost (``cost``: GPU-hours, wall-clock and dollars over
-all sessions). It holds no credential: specs have none, and URLs
-are stripped of any user:password part.
+all sessions). It holds no credential: specs have none, and every URL in it (the spec's, a
+tracker's, one quoted by an error) is stripped of any user:password part.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from raygpt import __version__
 from raygpt.config import RunSpec, recorded_spec
 from raygpt.errors import RaygptError
 from raygpt.stages import RUN_RECORD_FILE
-from raygpt.storage import Storage, join
+from raygpt.storage import Storage, join, without_credentials
 
 PACKAGES = ("torch", "ray", "numpy", "pyarrow", "tiktoken")
 
@@ -96,7 +96,7 @@ class RunRecord:
             return None
 
     def write(self) -> None:
-        self.storage.write_json(self.uri, self.record)
+        self.storage.write_json(self.uri, without_credentials(self.record))  # tracker URIs and errors quote URLs too
 
     def complete(self, status: str, final: dict[str, Any], **extra: Any) -> dict[str, Any]:
         """Finish the record a previous session left unfinished (its driver lost after the last

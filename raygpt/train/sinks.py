@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import os
 import secrets
@@ -30,7 +31,9 @@ from urllib.parse import urlsplit
 from raygpt.config import LogConfig
 from raygpt.errors import RaygptError, last_line
 from raygpt.stages import METRICS_FILE
-from raygpt.storage import Storage, is_remote, join
+from raygpt.storage import Storage, is_remote, join, without_userinfo
+
+logger = logging.getLogger(__name__)
 
 # metrics.jsonl is rewritten whole (object stores cannot append), so not on every report.
 METRICS_WRITE_INTERVAL_S = 30.0
@@ -56,21 +59,36 @@ class MetricsSink:
 
 class MetricsFile(MetricsSink):
     """``<run>/metrics.jsonl``: one JSON record per reported step, the run as one uninterrupted
-    sequence (a resumed attempt's records replace those after its checkpoint)."""
+    sequence (a resumed attempt's records replace those after its checkpoint).
+
+    A write that fails (the store out for longer than ``storage.retry_minutes``) is logged and
+    left to the next flush, which writes every record again: the run goes on, and what the
+    workers' checkpoints carry restores the rest if the session ends first."""
 
     replays = True
 
     def __init__(self, run_uri: str, storage: Storage):
         self.uri, self.storage = join(run_uri, METRICS_FILE), storage
         self._last_write = time.monotonic()
+        self.unwritten: str | None = None
+        """Why the last write failed, or None."""
 
     def write(self, report: dict[str, Any], records: list[dict[str, Any]]) -> None:
         if time.monotonic() - self._last_write > METRICS_WRITE_INTERVAL_S:
             self.flush(records)
 
     def flush(self, records: list[dict[str, Any]]) -> None:
-        self.storage.write_text(self.uri, "".join(json.dumps(r) + "\n" for r in records))
         self._last_write = time.monotonic()
+        try:
+            self.storage.write_text(self.uri, "".join(json.dumps(r) + "\n" for r in records))
+        except RaygptError as e:
+            if self.unwritten is None:
+                logger.warning("%s; the next flush writes every record again", e)
+            self.unwritten = str(e)
+            return
+        if self.unwritten is not None:
+            logger.warning("%s: written again after a failed write", self.uri)
+        self.unwritten = None
 
 
 class QueueSink(MetricsSink):
@@ -114,7 +132,8 @@ def tracker_points(report: dict[str, Any]) -> list[tuple[int, dict[str, float]]]
     points: dict[int, dict[str, float]] = {}
     per_step = {int(step): loss for step, loss in (report.get("step_losses") or {}).items()}
     for step in sorted(per_step):
-        points[step] = {"train/loss": float(per_step[step])}
+        if math.isfinite(per_step[step]):  # a step skipped for a NaN or inf loss has no point
+            points[step] = {"train/loss": float(per_step[step])}
     values = points.setdefault(int(report["step"]), {})
     for key, name in SCALARS.items():
         value = report.get(key)
@@ -178,7 +197,8 @@ class TrackerSink(MetricsSink):
             action(*args)
         except Exception as e:  # a tracker must never end a training run: say so once and stop
             self._failed = True
-            print(f"raygpt: the {self.name} tracker stopped ({type(e).__name__}: {last_line(str(e))[:300]}); "
+            why = without_userinfo(last_line(str(e)))[:300]  # cleaned before the cut, which could halve a URL
+            print(f"raygpt: the {self.name} tracker stopped ({type(e).__name__}: {why}); "
                   "training goes on and metrics.jsonl keeps every step", file=sys.stderr, flush=True)
 
     def write(self, report: dict[str, Any], records: list[dict[str, Any]]) -> None:
@@ -284,7 +304,7 @@ class WandbSink(TrackerSink):
         # another IFT model) starts a run of its own; otherwise W&B drops what it logs.
         self._run = wandb.init(project=self.ids["project"], entity=self.ids.get("entity"), id=self.ids["id"],
                                name=self.ids["name"], resume="allow", reinit="create_new", mode=self.ids["mode"],
-                               dir=self.ids["dir"], config=self.config,
+                               dir=self.ids["dir"], config=self.config, tags=self.ids.get("tags") or None,
                                settings=wandb.Settings(console="off", silent=True))
 
     def _log(self, step: int, values: dict[str, float], walltime: float | None) -> None:
@@ -390,8 +410,8 @@ def end_tracker_runs(ids: dict[str, dict[str, Any]], status: str) -> None:
 
         MlflowClient(ids["mlflow"]["tracking_uri"]).set_terminated(ids["mlflow"]["run_id"], MLFLOW_STATUS[status])
     except Exception as e:  # the tracker is unreachable: the run record still says what happened
-        print(f"raygpt: could not mark the MLflow run {status} ({type(e).__name__}: {last_line(str(e))[:300]})",
-              file=sys.stderr, flush=True)
+        print(f"raygpt: could not mark the MLflow run {status} ({type(e).__name__}: "
+              f"{without_userinfo(last_line(str(e)))[:300]})", file=sys.stderr, flush=True)
 
 
 def tracker_sinks(ids: dict[str, dict[str, Any]], storage: Storage, config: dict[str, Any],
@@ -418,7 +438,7 @@ def _new_wandb_run(log: LogConfig, name: str) -> dict[str, Any]:
     alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
     return {"id": "".join(secrets.choice(alphabet) for _ in range(8)), "name": name, "project": log.project,
             "entity": log.wandb_entity, "mode": log.wandb_mode or os.environ.get("WANDB_MODE") or "online",
-            "dir": _absolute(log.wandb_dir or os.environ.get("WANDB_DIR") or ".raygpt/wandb")}
+            "dir": _absolute(log.wandb_dir or os.environ.get("WANDB_DIR") or ".raygpt/wandb"), "tags": list(log.tags)}
 
 
 def _mlflow_run(log: LogConfig, name: str, config: dict[str, Any], previous: dict[str, Any] | None) -> dict[str, Any]:
@@ -436,18 +456,21 @@ def _mlflow_run(log: LogConfig, name: str, config: dict[str, Any], previous: dic
         uri = str(Path(uri).absolute())
     try:
         client = MlflowClient(uri)
-        if previous and previous.get("tracking_uri") == uri:
+        # run.json keeps the URI without its user:password: the same store all the same.
+        if previous and without_userinfo(previous.get("tracking_uri")) == without_userinfo(uri):
             client.update_run(previous["run_id"], status="RUNNING")
-            return previous
+            return {**previous, "tracking_uri": uri}
         experiment = client.get_experiment_by_name(log.project)
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(log.project)
-        run = client.create_run(experiment_id, run_name=name, tags={"raygpt.run": name})
+        tags = {"raygpt.run": name, **{key: value for key, _, value in (tag.partition(":") for tag in log.tags)}}
+        run = client.create_run(experiment_id, run_name=name, tags=tags)
         params = [Param(key, str(value)[:500]) for key, value in _flatten(config).items()]
         for start in range(0, len(params), 100):  # MLflow's limit of parameters per call
             client.log_batch(run.info.run_id, params=params[start:start + 100])
     except Exception as e:  # MlflowException, connection and store errors
-        raise RaygptError(f"log.trackers: mlflow: cannot set up a run at {uri} ({type(e).__name__}: "
-                          f"{last_line(str(e))[:300]}); set log.mlflow_tracking_uri or $MLFLOW_TRACKING_URI") from None
+        raise RaygptError(f"log.trackers: mlflow: cannot set up a run at {without_userinfo(uri)} ({type(e).__name__}: "
+                          f"{without_userinfo(last_line(str(e)))[:300]}); set log.mlflow_tracking_uri or "
+                          "$MLFLOW_TRACKING_URI") from None
     return {"run_id": run.info.run_id, "experiment_id": experiment_id, "tracking_uri": uri}
 
 
