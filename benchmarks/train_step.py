@@ -30,15 +30,17 @@ from rich.table import Table
 
 from raygpt.config import RunSpec, load_spec
 from raygpt.model import PRESETS
+from raygpt.train.components import use_device
 from raygpt.train.metrics import device_name
 from raygpt.train.plan import TrainPlan, plan_run
 from raygpt.train.step import Worker, set_up_worker, train_step
 
 
-def write_synthetic_dataset(root: str | Path, train_tokens: int, val_tokens: int = 0, seed: int = 0) -> str:
+def write_synthetic_dataset(root: str | Path, train_tokens: int, val_tokens: int = 0, seed: int = 0,
+                            test_tokens: int = 0) -> str:
     """A prepared dataset (``manifest.json`` and uint16 shards) of learnable synthetic text:
     random slices of one fixed random passage of 4,096 tokens, so a model's loss falls from
-    ln(50257) as it memorises the passage. Two train shards, one val shard."""
+    ln(50257) as it memorises the passage. Two train shards, a val and a test shard when asked."""
     rng = np.random.default_rng(seed)
     passage = rng.integers(0, 50_000, 4096)
 
@@ -50,7 +52,8 @@ def write_synthetic_dataset(root: str | Path, train_tokens: int, val_tokens: int
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     half = train_tokens // 2
-    sizes = {"train": [half, train_tokens - half], "val": [val_tokens] if val_tokens else [], "test": []}
+    sizes = {"train": [half, train_tokens - half], "val": [val_tokens] if val_tokens else [],
+             "test": [test_tokens] if test_tokens else []}
     manifest = {"format": "raygpt-shards/1", "tokenizer": "gpt2", "dtype": "uint16", "eot_id": 50256,
                 "source": "synthetic", "splits": {}}
     for split, counts in sizes.items():
@@ -113,7 +116,7 @@ def measure(preset: str, device: torch.device, precision: str, micro_batch: int,
         warmup_s = time.perf_counter() - started
         started = time.perf_counter()
         for step in range(warmup, total):
-            loss, _ = train_step(w, step)
+            loss, _, _ = train_step(w, step)
         sync()
         seconds = time.perf_counter() - started
         tokens_per_s = steps * micro_batch * seq_len / seconds
@@ -165,9 +168,7 @@ def main() -> None:
                                                                          "or GPUs raygpt does not know")
     args = parser.parse_args()
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device = use_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     presets = args.preset or (["gpt2-small"] if device.type == "cuda" else ["tiny"])
     micro_batch = args.micro_batch or (16 if device.type == "cuda" else 8)
     with tempfile.TemporaryDirectory(prefix="raygpt-bench-") as workdir:

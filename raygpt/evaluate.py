@@ -27,7 +27,7 @@ import torch
 from raygpt.config import RunSpec
 from raygpt.errors import RaygptError
 from raygpt.stages import HELLASWAG_FILE, TEST_LOSS_FILE, eval_dir
-from raygpt.storage import Storage, join
+from raygpt.storage import Storage, join, without_userinfo
 from raygpt.weights.refs import describe_model, load_model
 
 
@@ -120,7 +120,12 @@ def evaluate(spec: RunSpec, models: list[str], address: str | None = None,
         raise RaygptError(f"eval.seq_len: {seq_len} exceeds the context length of {', '.join(too_short)}")
     windows = count_eval_windows(manifest, "test", seq_len, spec.eval.max_tokens)
     if windows == 0:
-        raise RaygptError(f"{spec.eval.dataset}: the test split has {manifest['splits']['test']['tokens']:,} tokens, "
+        test_tokens = manifest["splits"]["test"]["tokens"]
+        if spec.eval.max_tokens is not None and spec.eval.max_tokens < test_tokens:
+            raise RaygptError(f"eval.max_tokens: {spec.eval.max_tokens:,} test tokens are fewer than one window of "
+                              f"{seq_len + 1} (the sequence length {seq_len} and its next token); raise "
+                              "eval.max_tokens or lower eval.seq_len")
+        raise RaygptError(f"{spec.eval.dataset}: the test split has {test_tokens:,} tokens, "
                           f"fewer than one window of {seq_len + 1}")
 
     results = per_model_tasks(model_test_loss, models, (spec, storage, seq_len), "evaluation", address, num_cpus)
@@ -184,7 +189,8 @@ def evaluate_hellaswag(spec: RunSpec, models: list[str], address: str | None = N
                               num_cpus)
     uri = join(output, HELLASWAG_FILE)
     kept = earlier_results(uri, storage, results, data_sha256=sha256, items=len(items))
-    document = {"task": "hellaswag", "data": spec.eval.hellaswag_data, "data_sha256": sha256, "items": len(items),
+    document = {"task": "hellaswag", "data": without_userinfo(spec.eval.hellaswag_data), "data_sha256": sha256,
+                "items": len(items),
                 "scoring": "completion (llm.c, build-nanogpt): acc by summed, acc_norm by mean ending token loss",
                 "results": sorted(kept + results, key=lambda r: -r["acc_norm"])}
     storage.write_json(uri, document)

@@ -23,27 +23,25 @@ it unless its base checkpoint, the data or the settings changed (``--force`` red
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import math
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
-from raygpt.config import IftConfig, RunSpec, spec_to_dict
+from raygpt.config import IftConfig, RunSpec, recorded_spec
 from raygpt.errors import RaygptError
 from raygpt.evaluate import token_loss_sums
 from raygpt.prompts import PromptStyle, get_prompt_style
 from raygpt.stages import ANSWERS_FOLDER, ift_dir, replicate_id
-from raygpt.storage import Storage, is_remote, join
+from raygpt.storage import Storage, is_remote, join, without_userinfo
+from raygpt.storage.download import default_cache_dir, is_url, read_input
 from raygpt.tokenizer import ENDOFTEXT, EOT_ID, get_tokenizer
 from raygpt.train.components import Precision, choose_precision
 from raygpt.train.metrics import MetricsStream
@@ -57,33 +55,24 @@ TRAIN_FRACTION, TEST_FRACTION = 0.85, 0.10
 """The book's split; validation gets what is left (935 / 110 / 55 of its 1100 examples)."""
 
 
-DOWNLOAD_TIMEOUT_S = 30
-
-
 Log = Callable[[str], None]
 
 
 def load_instruction_data(source: str, storage: Storage) -> tuple[list[dict[str, str]], str]:
-    """The examples of an instruction file (URL, local path or ``s3://`` URI) and its sha256.
+    """The examples of an instruction file (a URL, downloaded once into ``$RAYGPT_CACHE_DIR/ift``;
+    a local path or an ``s3://`` URI) and its sha256.
 
     The file is a JSON list of objects whose ``instruction``, ``input`` and ``output`` are
     strings (``input`` may be empty); other keys are kept. The first bad entry is named.
     """
-    if source.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(source, timeout=DOWNLOAD_TIMEOUT_S) as response:
-                raw = response.read()
-        except (urllib.error.URLError, TimeoutError, OSError) as e:
-            reason = getattr(e, "reason", None) or e
-            raise RaygptError(f"{source}: cannot download the instruction data ({reason}); "
-                              "pass a local copy with --data PATH (or ift.data=PATH)") from None
-    else:
-        raw = storage.read_bytes(source)
+    raw, _ = read_input(source, storage, default_cache_dir("ift"), "the instruction data",
+                        "pass a local copy with --data PATH (or ift.data=PATH)")
+    shown = without_userinfo(source)
     try:
         entries = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RaygptError(f"{source}: not valid JSON ({e})") from None
-    check_instruction_data(entries, source)
+        raise RaygptError(f"{shown}: not valid JSON ({e})") from None
+    check_instruction_data(entries, shown)
     return entries, hashlib.sha256(raw).hexdigest()
 
 
@@ -344,7 +333,7 @@ def finetune_one(ref: str, spec: RunSpec, storage: Storage, splits: InstructionS
     from raygpt.weights.checkpoint import save_model_dir
     from raygpt.weights.refs import load_model, model_id
 
-    cfg = spec.ift if seed is None else dataclasses.replace(spec.ift, seed=seed)
+    cfg = spec.ift if seed is None else spec.ift.model_copy(update={"seed": seed})
     name = replicate_id(model_id(ref), seed)
     layout = IftLayout(output, name)
 
@@ -405,7 +394,7 @@ def finetune_one(ref: str, spec: RunSpec, storage: Storage, splits: InstructionS
 
 def _result_settings(cfg: IftConfig) -> dict[str, Any]:
     """The ift settings that change results (not where they go or how many CPUs run them)."""
-    settings = spec_to_dict(cfg)
+    settings = recorded_spec(cfg)
     # seeds: which replicates exist, not how one is made (its own seed is in ``seed``).
     for key in ("models", "output", "cpus_per_model", "generation_batch_size", "data", "seeds"):
         settings.pop(key)
@@ -443,11 +432,11 @@ def run_ift(spec: RunSpec, address: str | None = None, num_cpus: int | None = No
 
     storage = Storage.from_config(spec.storage)
     output = _absolute(ift_dir(spec))
-    source = cfg.data if cfg.data.startswith(("http://", "https://")) else _absolute(cfg.data)
+    source = cfg.data if is_url(cfg.data) else _absolute(cfg.data)
     storage.check_access(output, write=True)
     entries, sha256 = load_instruction_data(source, storage)
     splits = split_instruction_data(entries)
-    dataset = {"source": source, "sha256": sha256, "examples": len(entries),
+    dataset = {"source": without_userinfo(source), "sha256": sha256, "examples": len(entries),
                "train": len(splits.train), "val": len(splits.val), "test": len(splits.test)}
     replicates = f" x {len(cfg.seeds)} seeds" if cfg.seeds else ""
     print(f"raygpt ift: {len(entries)} examples ({sha256[:12]}), split {len(splits.train)} train / "

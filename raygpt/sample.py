@@ -16,25 +16,10 @@ import contextlib
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 
-from raygpt.model import GPT, KVCache
+from raygpt.model import GPT, KVCache, pick_next_tokens
 from raygpt.prompts import PromptStyle
 from raygpt.tokenizer import EOT_ID, VOCAB_SIZE, encode, get_tokenizer
-
-
-def pick_token(logits: torch.Tensor, temperature: float, top_k: int | None,
-               generator: torch.Generator | None) -> int:
-    """The next token from the logits of one position (vocab,): greedy at temperature 0,
-    else sampled from the softmax at ``temperature``, over the ``top_k`` most likely only."""
-    if temperature <= 0:
-        return int(logits.argmax())
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = F.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, num_samples=1, generator=generator))
 
 
 @torch.no_grad()
@@ -66,7 +51,7 @@ def stream_tokens(model: GPT, prompt: list[int], max_new_tokens: int, temperatur
         caches, logits = prefill(tokens)
         length = len(tokens)
         for _ in range(max_new_tokens):
-            token = pick_token(logits, temperature, top_k, generator)
+            token = int(pick_next_tokens(logits[None], temperature, top_k, generator)[0])
             if token == stop:
                 return
             yield token

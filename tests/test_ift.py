@@ -186,8 +186,9 @@ def test_early_stopping_restores_the_best_weights_not_the_last():
     entries = make_instructions(40)
     train = [{**e, "output": "yes"} for e in entries[:32]]
     val = [{**e, "output": "no"} for e in entries[32:]]
-    cfg = IftConfig(lr=0.05, epochs=3, batch_size=8, eval_interval=1, patience=2, mask_prompt=True)
-    model, history = finetune(tiny_gpt(), train, val, cfg)
+    # (At this rate and initialisation the validation loss first falls, then turns up for good.)
+    cfg = IftConfig(lr=0.01, epochs=3, batch_size=8, eval_interval=1, patience=2, mask_prompt=True)
+    model, history = finetune(tiny_gpt(1), train, val, cfg)
     losses = [v["loss"] for v in history["val"]]
     best = min(range(len(losses)), key=losses.__getitem__)
     assert history["stopped_early"] and history["restored_best"]

@@ -24,6 +24,7 @@ LAYERS = [
     ["raygpt.train"],
     ["raygpt.ift"],
     ["raygpt.judge", "raygpt.report"],
+    ["raygpt.sweep"],
     ["raygpt.cli"],
 ]
 LAYER_OF = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
@@ -33,6 +34,8 @@ FORBIDDEN = {
     "raygpt.model": ("ray", "boto3", "rich", "raygpt.storage", "raygpt.tokenizer"),
     # The judge talks HTTP and does statistics; a judge run needs no torch.
     "raygpt.judge": ("torch",),
+    # Statistics are numbers in, numbers out (numpy, scipy): no torch, no cluster, no terminal.
+    "raygpt.stats": ("torch", "ray", "rich", "openai"),
     "raygpt.report": ("torch", "raygpt.judge"),
     # What the Ray-free GPU check (benchmarks/gpu_check.py) runs, on a machine without Ray.
     "raygpt.train.step": ("ray",), "raygpt.train.metrics": ("ray",), "raygpt.train.components": ("ray",),
@@ -42,6 +45,8 @@ FORBIDDEN = {
     "raygpt.train.lease": ("ray", "torch"), "raygpt.data": ("ray", "boto3"), "raygpt.weights": ("ray", "boto3"),
     "raygpt.sample": ("ray", "boto3"), "raygpt.cost": ("torch", "ray"),
     "raygpt.evaluate": ("boto3",),
+    # A sweep's comparison is numbers and words: its report reads files, never a model.
+    "raygpt.sweep.compare": ("torch", "ray"), "raygpt.sweep.spec": ("torch", "ray"),
 }
 
 

@@ -1,6 +1,7 @@
 """Model: parameter counts of the presets, shapes, loss masking, KV-cached batched generation, the
 chunked loss against plain cross-entropy (eager and compiled), and the padded vocabulary."""
 
+import math
 import subprocess
 import sys
 from dataclasses import replace
@@ -9,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raygpt.config import ModelConfig
+from raygpt.config import ModelConfig, load_spec
 from raygpt.errors import RaygptError
 from raygpt.model import GPT, PRESETS, GPTConfig, chunked_cross_entropy, config_from_spec
 
@@ -20,11 +21,20 @@ def test_gpt2_small_parameter_counts():
     assert GPT(openai_layout).num_params() == 124_439_808
 
 
-def test_config_from_spec_applies_overrides_and_rejects_unknown_preset():
+def test_config_from_spec_applies_overrides_and_the_spec_refuses_an_unknown_preset():
     cfg = config_from_spec(ModelConfig(preset="tiny", context_length=32, qkv_bias=True))
     assert (cfg.n_layer, cfg.context_length, cfg.qkv_bias) == (2, 32, True)
-    with pytest.raises(RaygptError, match="unknown preset 'gpt5'"):
-        config_from_spec(ModelConfig(preset="gpt5"))
+    with pytest.raises(RaygptError, match=r"model.preset: expected one of .*'gpt2-smal' .*did you mean 'gpt2-small'"):
+        load_spec(None, ["model.preset=gpt2-smal"])
+
+
+def test_a_new_run_pads_the_vocabulary_and_a_resumed_one_keeps_its_checkpoints_padding():
+    unpadded, padded = replace(PRESETS["tiny"], vocab_multiple=1), replace(PRESETS["tiny"], vocab_multiple=64)
+    assert config_from_spec(ModelConfig(preset="tiny")).padded_vocab_size == 50304
+    assert config_from_spec(ModelConfig(preset="tiny"), trained=unpadded).padded_vocab_size == 50257
+    assert config_from_spec(ModelConfig(preset="tiny"), trained=padded).padded_vocab_size == 50304
+    # A number in the spec is the spec's, whatever the checkpoint holds (the shape check then speaks).
+    assert config_from_spec(ModelConfig(preset="tiny", vocab_multiple=1), trained=padded).padded_vocab_size == 50257
 
 
 def test_tied_head_shares_the_embedding():
@@ -97,23 +107,57 @@ def test_generation_stops_at_eos_and_samples_reproducibly():
 # The chunked loss and the padded vocabulary
 
 
-@pytest.mark.parametrize("chunk_size", [1, 7, 12, 36, 100])  # 36 rows: 7 does not divide them, 100 is one chunk
-def test_chunked_cross_entropy_matches_full_logits_loss_and_grads(chunk_size):
+# 36 rows: 7 does not divide them, 100 is one chunk. 512 rows: 500 tokens padded by the model;
+# 500 rows: an unpadded head, which the loss pads to 512 itself (HEAD_ROW_ALIGNMENT).
+@pytest.mark.parametrize("chunk_size,rows", [(1, 512), (7, 512), (12, 512), (36, 512), (100, 512), (7, 500),
+                                             (100, 500)])
+def test_chunked_cross_entropy_matches_full_logits_loss_and_grads(chunk_size, rows):
     torch.manual_seed(0)
     hidden = torch.randn(36, 16, requires_grad=True)
-    weight = torch.randn(512, 16, requires_grad=True)  # 500 tokens padded to 512 rows
+    weight = torch.randn(rows, 16, requires_grad=True)
     targets = torch.randint(0, 500, (36,))
     targets[::4] = -100
     expected = F.cross_entropy((hidden @ weight.t())[:, :500], targets)
     expected_grads = torch.autograd.grad(expected, (hidden, weight))
     loss = chunked_cross_entropy(hidden, weight, targets, vocab_size=500, chunk_size=chunk_size)
     grads = torch.autograd.grad(loss, (hidden, weight))
+    assert grads[1].shape == weight.shape
     torch.testing.assert_close(loss, expected, rtol=0, atol=1e-5)
     for grad, expected_grad in zip(grads, expected_grads):
         torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-5)
     assert not grads[1][500:].any()  # the padding rows are never predicted, so never pushed
     with torch.no_grad():
         torch.testing.assert_close(chunked_cross_entropy(hidden, weight, targets, 500, chunk_size), expected.detach())
+
+
+@pytest.mark.parametrize("rows", [500, 512])
+def test_chunked_cross_entropy_under_bf16_autocast_matches_autocast_cross_entropy_eager_and_compiled(rows):
+    """The loss casts the head and each chunk to autocast's dtype itself: the result is what
+    autocast makes of the plain loss (bf16 matmul, float32 softmax), eager and compiled alike."""
+    torch.manual_seed(0)
+    hidden = torch.randn(40, 32, requires_grad=True)
+    weight = (0.3 * torch.randn(rows, 32)).requires_grad_()
+    targets = torch.randint(0, 500, (40,))
+    targets[::5] = -100
+
+    def reference():
+        return F.cross_entropy(F.linear(hidden, weight)[:, :500].float(), targets)
+
+    def chunked():
+        return chunked_cross_entropy(hidden, weight, targets, vocab_size=500, chunk_size=16)
+
+    results = {}
+    for name, loss_of in (("reference", reference), ("eager", chunked),
+                          ("compiled", torch.compile(chunked, fullgraph=True))):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_of()
+        results[name] = (loss, *torch.autograd.grad(loss, (hidden, weight)))
+    for name in ("eager", "compiled"):
+        for got, expected in zip(results[name], results["reference"]):
+            assert got.dtype == expected.dtype
+            torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-3)  # bf16 operands: 8 bits of mantissa
+    for got, expected in zip(results["compiled"], results["eager"]):
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-5)
 
 
 def test_model_loss_and_grads_equal_cross_entropy_of_its_logits():
@@ -182,3 +226,34 @@ def test_model_imports_neither_the_tokenizer_nor_the_cluster_stack():
     code = "import sys, raygpt.model; print(' '.join(sorted(sys.modules)))"
     loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
     assert not loaded & {"raygpt.tokenizer", "tiktoken", "ray", "boto3", "rich", "raygpt.storage"}
+
+
+def test_models_built_with_one_seed_start_equal_in_every_parameter_they_share():
+    """The paired design of a sweep: a QKV bias, tied weights or dropout change nothing in the
+    initial values of the parameters the two models share; another seed changes all of them."""
+    base = PRESETS["tiny"]
+    baseline = dict(GPT(base, seed=7).named_parameters())
+    for change in ({"qkv_bias": True}, {"tie_weights": True}, {"dropout": 0.3}):
+        variant = GPT(replace(base, **change), seed=7)
+        shared = {n: p for n, p in variant.named_parameters() if n in baseline}
+        assert len(shared) >= len(baseline) - 1, change  # tying drops lm_head.weight
+        for name, p in shared.items():
+            assert torch.equal(p, baseline[name]), (change, name)
+        plan, base_plan = variant.init_plan(), GPT(base, seed=7).init_plan()
+        assert {n for n in plan if n in base_plan and plan[n] == base_plan[n]} == set(shared)
+    other = dict(GPT(base, seed=8).named_parameters())
+    drawn = [n for n, (_, rule) in GPT(base, seed=8).init_plan().items() if rule.startswith("normal")]
+    assert drawn and not any(torch.equal(other[n], baseline[n]) for n in drawn)
+    # Without a seed, torch's generator decides, as nanoGPT's GPT(config) does.
+    torch.manual_seed(3)
+    first = GPT(base).transformer.wte.weight.clone()
+    torch.manual_seed(3)
+    assert torch.equal(GPT(base).transformer.wte.weight, first)
+
+
+def test_the_initialisation_keeps_gpt2s_statistics():
+    model = GPT(PRESETS["nano"], seed=1)
+    params = dict(model.named_parameters())
+    assert abs(params["transformer.wte.weight"].std().item() - 0.02) < 1e-3
+    assert abs(params["transformer.h.0.attn.c_proj.weight"].std().item() - 0.02 / math.sqrt(8)) < 1e-3
+    assert torch.all(params["transformer.h.0.ln_1.weight"] == 1) and torch.all(params["transformer.h.0.ln_1.bias"] == 0)
