@@ -12,19 +12,25 @@ One ``Report`` (its rows sorted by test loss) is rendered by several backends: a
 table, Markdown, JSON, CSV, and two PNGs (test loss against IFT score with error bars; the
 runs' training curves). A missing piece leaves its columns empty and is named under the table.
 
+A pool of the judge (``judge.pools``: base models that differ only in their pretraining seed)
+is one row in place of its base models' rows: its score is the pool's, its test loss the mean
+of theirs, its cost their sum.
+
 Below the table: Spearman's rank correlation between test loss and IFT score across models,
 in one sentence that says whether they agree (lower loss, higher score: a negative rho). Its
 95% interval resamples the judged items (the same resample for every model, test losses
 fixed) and, for models fine-tuned several times (``ift.seeds``), each model's fine-tuning
-seeds (``stats.spearman_interval``): it says how much the agreement depends on which
-instructions happened to be in the test set and how each fine-tuning run happened to come
-out. With few models a rank correlation takes few values (with two, only -1 or +1), so the
-number of models is shown beside it.
+seeds; for a pool, its pretraining seeds (each with its test loss) and within each its
+fine-tuning seeds (``stats.resampling.spearman_interval``): it says how much the agreement
+depends on which instructions happened to be in the test set and how each run happened to
+come out. With few models a rank correlation takes few values (with two, only -1 or +1), so
+the number of models is shown beside it.
 
 From the judge's summary the report also shows: the letters of the models that cannot be told
 apart, the length-controlled score and the mean answer length, a sentence per pair of models
-(whether the difference survives fine-tuning noise, where there are replicates), the judge's
-per-item agreement, its position bias with its noise floor, and the anchors' warnings.
+(whether the difference survives the seed noise, where there are replicates), what the length
+control found, the judge's per-item agreement, its position bias with its noise floor, and
+the anchors' warnings.
 """
 
 from __future__ import annotations
@@ -55,7 +61,8 @@ from raygpt.stages import (
     eval_dir,
     judge_dir,
 )
-from raygpt.stats import describe_agreement, rounded, spearman_interval
+from raygpt.stats.resampling import spearman_interval
+from raygpt.stats.values import rounded
 from raygpt.storage import Storage, join, write_local_atomically
 from raygpt.train.attempts import describe_attempts
 
@@ -87,11 +94,18 @@ class ModelRow:
     mean_length: float | None = None
     """Mean answer length in characters."""
     seeds: int | None = None
-    """Fine-tuning runs pooled in the score (``ift.seeds``); its interval then includes their variance."""
+    """Fine-tuning runs pooled in the score (``ift.seeds``; a pool: all its runs); its interval
+    then includes their variance."""
+    pretraining_seeds: int | None = None
+    """A pool's base models, which differ only in their pretraining seed (``judge.pools``)."""
     item_scores: list[float | None] = field(default_factory=list, repr=False)
     """Per-item scores (mean over passes and seeds), for the bootstrap; not a column."""
     item_scores_by_seed: list[list[float | None]] = field(default_factory=list, repr=False)
     """Per-item scores of each fine-tuning run (seeds, items), for the bootstrap; not a column."""
+    item_scores_by_run: list[list[list[float | None]]] = field(default_factory=list, repr=False)
+    """A pool's per-item scores by pretraining seed, then fine-tuning seed, for the bootstrap; not a column."""
+    test_losses: list[float | None] = field(default_factory=list, repr=False)
+    """A pool's test loss per pretraining seed (in ``item_scores_by_run``'s order); not a column."""
     replicate_scores: list[float | None] = field(default_factory=list, repr=False)
     """Each fine-tuning run's mean score, for the plot; not a column."""
 
@@ -106,7 +120,7 @@ class ModelRow:
     """Dollars at the run's price per GPU-hour (train.gpu_hour_usd, else a dated list price)."""
 
 
-HIDDEN_FIELDS = ("item_scores", "item_scores_by_seed", "replicate_scores")
+HIDDEN_FIELDS = ("item_scores", "item_scores_by_seed", "item_scores_by_run", "test_losses", "replicate_scores")
 """ModelRow fields that feed statistics and plots, not the JSON rows or the CSV."""
 
 
@@ -151,12 +165,17 @@ def build_report(spec: RunSpec, storage: Storage) -> Report:
             row.params = row.params or result.get("params")
 
     summary_uri = join(judge_dir(spec), JUDGE_SUMMARY_FILE)
+    pools: dict[str, list[ModelRow | None]] = {}
     if storage.exists(summary_uri):
         summary = storage.read_json(summary_uri)
         report.sources["judge"] = summary_uri
         passes = summary.get("judge", {}).get("passes")
         for judged in _list_of(summary, "models", summary_uri):
-            row = _row_for(judged, rows)
+            if judged.get("pool"):
+                pools[judged["model"]] = _pool_members(judged, rows)
+                row = rows.setdefault(judged["model"], ModelRow(judged["model"]))
+            else:
+                row = _row_for(judged, rows)
             row.ift_score = judged.get("mean")
             row.ci_low, row.ci_high = (judged.get("ci95") or [None, None])[:2]
             row.spread, row.failures, row.passes = judged.get("spread"), judged.get("failures"), passes
@@ -179,6 +198,8 @@ def build_report(spec: RunSpec, storage: Storage) -> Report:
             cost = run.get("cost") or {}
             row.gpu_hours = cost.get("gpu_hours") or None
             row.cost_usd = cost.get("usd")
+    for name, members in pools.items():
+        _fold_pool(rows, rows[name], members)
     report.rows = sorted(rows.values(), key=_sort_key)
     report.correlation = loss_score_correlation(report.rows, spec.report.bootstrap_samples, spec.report.seed)
     return report
@@ -191,6 +212,37 @@ def _judge_fields(row: ModelRow, judged: dict) -> None:
     row.seeds = len(judged["seeds"]) if judged.get("seeds") else None
     row.item_scores_by_seed = judged.get("item_scores_by_seed") or ([row.item_scores] if row.item_scores else [])
     row.replicate_scores = [r.get("mean") for r in judged.get("replicates") or []]
+    if judged.get("pool"):
+        row.seeds = len(judged.get("replicates") or []) or None
+        row.pretraining_seeds = len(judged["pool"])
+        row.item_scores_by_run = judged.get("item_scores_by_run") or []
+
+
+def _pool_members(judged: dict, rows: dict[str, ModelRow]) -> list[ModelRow | None]:
+    """The rows of a pool's base models (by id, else by the ref of their answers' base model),
+    None for one that was not evaluated."""
+    refs = judged.get("pool_base_models") or [None] * len(judged["pool"])
+    return [rows.get(member) or next((r for r in rows.values() if ref and r.ref == ref), None)
+            for member, ref in zip(judged["pool"], refs)]
+
+
+def _fold_pool(rows: dict[str, ModelRow], pool: ModelRow, members: list[ModelRow | None]) -> None:
+    """The pool's row takes its base models' place: the mean of their test losses (and each,
+    for the correlation), the sum of their cost, their size where they agree."""
+    pool.test_losses = [m.test_loss if m else None for m in members]
+    losses = [loss for loss in pool.test_losses if loss is not None]
+    pool.test_loss = sum(losses) / len(losses) if losses else None
+    found = [m for m in members if m is not None]
+    for name in ("gpu_hours", "cost_usd"):
+        values = [getattr(m, name) for m in found if getattr(m, name) is not None]
+        setattr(pool, name, sum(values) if values else None)
+    for name in ("params", "trained_tokens", "trained_on"):
+        values = {getattr(m, name) for m in found}
+        if len(values) == 1:
+            setattr(pool, name, values.pop())
+    for member in found:
+        if member is not pool:
+            rows.pop(member.model, None)
 
 
 def _list_of(data: Any, key: str, uri: str) -> list[dict]:
@@ -239,25 +291,68 @@ def _sort_key(row: ModelRow) -> tuple:
 
 def loss_score_correlation(rows: list[ModelRow], samples: int, seed: int) -> dict | None:
     """Spearman(test loss, IFT score) across the models that have both, with an interval that
-    resamples the judged items and each model's fine-tuning seeds, and the sentence that says
-    what it means (see the module docstring)."""
+    resamples the judged items and each model's seeds (a pool's at both levels, its test losses
+    with its pretraining seeds), and the sentence that says what it means (see the module
+    docstring)."""
     both = [r for r in rows if r.test_loss is not None and r.ift_score is not None]
     if len(both) < 2:
         return None
-    losses = [r.test_loss for r in both]
-    per_item = [np.array([[math.nan if v is None else v for v in scores] for scores in r.item_scores_by_seed],
-                         dtype=float) for r in both]
-    if len({a.shape[-1] for a in per_item}) != 1 or per_item[0].size == 0:
+    losses = [r.test_losses if r.test_losses and None not in r.test_losses else r.test_loss for r in both]
+    per_item = [judged_item_scores(r.item_scores_by_run or [r.item_scores_by_seed]) for r in both]
+    counts = {a.shape[-1] for groups in per_item for a in groups}
+    if len(counts) != 1 or counts == {0}:
         # No per-item scores to resample (an older summary): the point estimate alone.
-        per_item = [np.array([[r.ift_score]]) for r in both]
+        per_item, losses = [np.array([[r.ift_score]]) for r in both], [r.test_loss for r in both]
         samples_used = 0
     else:
         samples_used = samples
     result = spearman_interval(losses, per_item, max(samples_used, 1), seed)
     ci = result["ci"] if samples_used else [None, None]
     return {"spearman": rounded(result["spearman"]), "ci95": [rounded(v) for v in ci], "models": len(both),
-            "seeds": result["seeds"], "resampled": result["resampled"] if samples_used else "nothing",
+            "seeds": result["seeds"], "pretraining_seeds": result["pretraining_seeds"],
+            "resampled": result["resampled"] if samples_used else "nothing",
             "bootstrap_samples": samples_used, "seed": seed, "sentence": describe_agreement(result["spearman"], ci)}
+
+
+def read_curve(metrics_uri: str, storage: Storage) -> tuple[list[dict], int]:
+    """A run's ``metrics.jsonl`` as step records, and how many lines could not be read (a
+    report shows what it can of a run still being written)."""
+    records, unreadable = [], 0
+    for line in storage.read_bytes(metrics_uri).splitlines():  # line by line: one bad line spoils no other
+        try:
+            record = json.loads(line) if line.strip() else None
+        except ValueError:  # not JSON, or not UTF-8
+            unreadable += 1
+            continue
+        if isinstance(record, dict) and "step" in record:
+            records.append(record)
+    return records, unreadable
+
+
+def judged_item_scores(by_run: list[list[list[float | None]]]) -> list[np.ndarray]:
+    """A judge summary entry's per-item scores as ``stats.resampling.spearman_interval`` takes
+    them: one (fine-tuning seeds, items) array per pretraining seed, nan where none. ``by_run``
+    is a pool's ``item_scores_by_run``, or ``[entry["item_scores_by_seed"]]`` for a base model."""
+    return [np.atleast_2d(np.array([[math.nan if v is None else v for v in scores] for scores in runs], dtype=float))
+            for runs in by_run]
+
+
+def describe_agreement(rho: float | None, ci: list[float | None] | None, level: float = 0.95) -> str:
+    """One plain sentence on whether test loss and the judged score agree.
+
+    Agreement means lower loss goes with higher score, a negative Spearman(loss, score): "agree"
+    when the whole interval is below 0, "disagree" when it is all above, and "cannot tell at
+    this sample size" when it holds 0 or is undefined.
+    """
+    low, high = (None, None) if ci is None else ci
+    if rho is None or low is None or high is None or not all(map(math.isfinite, (rho, low, high))):
+        return "test loss and IFT score: cannot tell at this sample size (too few models or scores)"
+    numbers = f"Spearman {rho:.2f}, {round(level * 100)}% CI {low:.2f} to {high:.2f}"
+    if high < 0:
+        return f"test loss and IFT score agree (lower loss, higher score): {numbers}"
+    if low > 0:
+        return f"test loss and IFT score disagree (lower loss, lower score): {numbers}"
+    return f"test loss and IFT score: cannot tell at this sample size ({numbers})"
 
 
 def _read_runs(spec: RunSpec, storage: Storage, report: Report) -> None:
@@ -270,15 +365,7 @@ def _read_runs(spec: RunSpec, storage: Storage, report: Report) -> None:
             if spec.report.runs:
                 report.missing.append(f"training curve of {name}: no {metrics_uri}")
             continue
-        records, unreadable = [], 0
-        for line in storage.read_text(metrics_uri).splitlines():
-            try:
-                record = json.loads(line) if line.strip() else None
-            except json.JSONDecodeError:
-                unreadable += 1
-                continue
-            if isinstance(record, dict) and "step" in record:
-                records.append(record)
+        records, unreadable = read_curve(metrics_uri, storage)
         if unreadable:
             report.missing.append(f"training curve of {name}: {unreadable} unreadable line(s) in {metrics_uri}")
         report.curves[name] = records
@@ -294,11 +381,12 @@ def _read_runs(spec: RunSpec, storage: Storage, report: Report) -> None:
 
 
 COLUMNS = ("model", "test loss", "HellaSwag", "IFT score", "95% CI", "group", "length-controlled", "answer length",
-           "seeds", "passes", "failures", "params", "trained tokens", "trained on", "tokens/s", "GPU-h", "cost")
+           "seeds", "pretraining seeds", "passes", "failures", "params", "trained tokens", "trained on", "tokens/s",
+           "GPU-h", "cost")
 
 
 OPTIONAL_COLUMNS = {"HellaSwag", "params", "trained tokens", "trained on", "group", "length-controlled",
-                    "answer length", "seeds", "tokens/s", "GPU-h", "cost"}
+                    "answer length", "seeds", "pretraining seeds", "tokens/s", "GPU-h", "cost"}
 """Shown only when some row has a value: the table stays narrow when they are unknown."""
 
 
@@ -313,7 +401,8 @@ def _table(report: Report) -> tuple[list[str], list[list[str]]]:
 def _cells(row: ModelRow) -> list[str]:
     ci = f"{row.ci_low:.2f} - {row.ci_high:.2f}" if row.ci_low is not None and row.ci_high is not None else "-"
     return [row.model, _fmt(row.test_loss, 3), _fmt(row.hellaswag, 4), _fmt(row.ift_score, 2), ci, row.letters or "-",
-            _fmt(row.lc_score, 2), _fmt(row.mean_length, 0), _fmt(row.seeds), _fmt(row.passes), _fmt(row.failures),
+            _fmt(row.lc_score, 2), _fmt(row.mean_length, 0), _fmt(row.seeds), _fmt(row.pretraining_seeds),
+            _fmt(row.passes), _fmt(row.failures),
             _count(row.params), _count(row.trained_tokens), row.trained_on or "-",
             _count(round(row.tokens_per_s)) if row.tokens_per_s else "-", _fmt(row.gpu_hours, 1),
             _dollars(row.cost_usd)]
@@ -375,11 +464,7 @@ def _judge_notes(judge: dict) -> list[str]:
             # With replicates, the sentence that includes the fine-tuning noise says more.
             chosen = robust.get((pair["a"], pair["b"]))
             notes.append(chosen["sentence"] if chosen and chosen.get("survives") is not None else pair["sentence"])
-    length = judge.get("length") or {}
-    if length.get("score_points_per_unit") is not None:
-        notes.append(f"length-controlled: each model's score at the reference's answer length; the judge gives "
-                     f"{length['score_points_per_unit'] * 100:+.2f} points per 100 characters "
-                     f"(reference: {length.get('reference')})")
+    notes += (judge.get("length") or {}).get("sentences") or []
     agreement, ranks = judge.get("item_agreement"), judge.get("rank_agreement")
     if agreement and agreement.get("within_item") is not None:
         notes.append(f"agreement between passes on the same answers: Spearman {_fmt(agreement['within_item'], 2)} "
@@ -452,6 +537,16 @@ def to_csv(report: Report) -> str:
     return out.getvalue()
 
 
+def save_figure(fig, path: Path) -> bool:
+    """Write a finished matplotlib figure as the reports' PNGs are written, and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def plot_loss_vs_score(report: Report, path: Path) -> bool:
     """Test loss (x) against IFT score (y) with the score's 95% interval as error bars (over
     items and, for models fine-tuned several times, their seeds, whose own means are the small
@@ -491,10 +586,7 @@ def plot_loss_vs_score(report: Report, path: Path) -> bool:
     ax.set(xlabel="test loss (nats/token)", ylabel="IFT score (0-100, 95% CI)", title=title, ylim=(-2, 102))
     ax.margins(x=0.2)  # room for the model names beside the points
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def plot_training_curves(report: Report, path: Path) -> bool:
@@ -521,16 +613,31 @@ def plot_training_curves(report: Report, path: Path) -> bool:
     ax.set(xlabel="tokens seen" if by_tokens else "step", ylabel="loss (nats/token)", title="training curves")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)
+
+
+def check_report_output(output: str | Path) -> None:
+    """A RaygptError, before any work, unless ``output`` is a folder or can be made one: a file
+    (``/dev/null``, an earlier ``report.md``) where the folder or one of its parents should be."""
+    out = Path(output)
+    try:
+        blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    except OSError as e:  # a name longer than the filesystem takes, say
+        raise RaygptError(f"report.output: {str(out)[:60]}...: not a usable folder ({e.strerror})") from None
+    if blocking is not None:
+        where = "" if blocking == out else f" ({blocking} is one)"
+        raise RaygptError(f"report.output: {out} must be a folder, but a file is in the way{where}; "
+                          "give a folder with --output DIR or report.output")
 
 
 def write_report(report: Report, output: str | Path) -> list[Path]:
     """Every file backend into ``output`` (a local directory); returns the paths written."""
     out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+    check_report_output(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RaygptError(f"report.output: cannot make the folder {out} ({e.strerror or e})") from None
     written = []
     for name, text in (("report.md", to_markdown(report)), ("report.json", json.dumps(to_json(report), indent=2) + "\n"),
                        ("report.csv", to_csv(report))):

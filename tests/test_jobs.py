@@ -65,7 +65,11 @@ def test_train_spec_is_chinchilla_optimal_gpt2_small_on_8_gpus():
 
 
 def test_stage_specs_point_at_the_same_storage_and_data():
-    specs = {p.stem: load_spec(p) for p in JOBS.glob("*.yaml") if p.name != "quickstart.yaml"}
+    from raygpt.sweep.spec import is_sweep_file
+
+    # The cluster's stages; sweeps are checked in test_sweep.py, the laptop spec runs on local paths.
+    specs = {p.stem: load_spec(p) for p in JOBS.glob("*.yaml")
+             if p.name not in ("quickstart.yaml", "train-tiny-cpu.yaml") and not is_sweep_file(p)}
     assert {"data-fineweb", "train-gpt2-small-fineweb", "eval-test-loss", "ift", "judge", "report"} <= set(specs)
     data_output = specs["data-fineweb"].data.output
     assert specs["train-gpt2-small-fineweb"].train.dataset == data_output == specs["eval-test-loss"].eval.dataset
@@ -439,3 +443,25 @@ def test_ctrl_c_detaches_and_the_job_keeps_running_until_stopped(as_client, data
         assert time.monotonic() < deadline
         time.sleep(1)
     assert str(client.get_job_status("raygpt-train-jobs-detach")) == "STOPPED"
+
+
+@pytest.mark.integration
+def test_submit_runs_a_sweep_with_its_base_spec(as_client, dataset, tmp_path, monkeypatch, capsys):
+    """A sweep spec is submitted as ``raygpt sweep``: the base run spec travels beside it, the
+    job trains the runs through Ray Tune on the cluster and writes the report to the store."""
+    from raygpt.storage import Storage
+
+    (tmp_path / "jobs").mkdir()
+    base = (SPECS / "train-tiny.yaml").read_text().replace("num_workers: 2", "num_workers: 1")
+    (tmp_path / "jobs" / "base.yaml").write_text(base.replace("global_batch_tokens: 128", "global_batch_tokens: 64"))
+    (tmp_path / "jobs" / "sweep-tiny.yaml").write_text(
+        "sweep:\n  name: tiny-sweep\n  base: jobs/base.yaml\n  seeds: [1]\n"
+        "  variants: {baseline: {}, lr-2x: {train.lr: 1.2e-3}}\n  max_concurrent: 2\n  stages: [train, report]\n")
+    monkeypatch.chdir(tmp_path)
+    paths = ["--set", f"storage_path={dataset}/runs", "--set", f"train.dataset={dataset}/data"]
+    assert main(["submit", "jobs/sweep-tiny.yaml", "--address", as_client.url, *paths]) == 0
+    out = capsys.readouterr().out
+    assert "submitted raygpt-sweep-tiny-sweep to" in out and "raygpt-sweep-tiny-sweep SUCCEEDED" in out
+    report = json.loads(Storage().read_text(f"{dataset}/runs/tiny-sweep/report/sweep.json"))
+    assert [(r["run"], r["status"]) for r in report["runs"]] == [("tiny-sweep/baseline@1", "finished"),
+                                                                 ("tiny-sweep/lr-2x@1", "finished")]

@@ -14,7 +14,7 @@ from rich.console import Console
 
 from raygpt.cli import main
 from raygpt.config import load_spec
-from raygpt.report import build_report, loss_score_correlation, render_terminal, write_report
+from raygpt.report import build_report, describe_agreement, loss_score_correlation, render_terminal, write_report
 from raygpt.storage import Storage
 
 # (model, test loss, IFT score, params); deliberately not in test-loss order.
@@ -274,3 +274,64 @@ def test_replicates_groups_length_and_pair_sentences_reach_the_report(tmp_path, 
     assert_real_png(tmp_path / "report" / "loss_vs_score.png")
     data = json.loads((tmp_path / "report" / "report.json").read_text())
     assert "item_scores_by_seed" not in data["rows"][0] and data["judge"]["comparisons"]["seed_robust"]
+
+
+@pytest.mark.integration
+def test_pools_reach_the_report_as_one_row_each_with_their_letters_and_sentences(tmp_path, monkeypatch, capsys):
+    from fake_openai import FakeOpenAI
+    from test_judge import POOLS, make_spec, noisy_judge, quiet, write_pooled_answers
+
+    from raygpt.judge.run import run_judge
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    write_pooled_answers(tmp_path)
+    with FakeOpenAI(models=["judge-1"]) as server:
+        server.policy = noisy_judge(server, sd=3)
+        run_judge(make_spec(tmp_path, server, POOLS), Storage(), quiet())
+    losses = {"wd@1337": 3.30, "wd@1": 3.32, "wd@2": 3.31, "base@1337": 3.60, "base@1": 3.62, "base@2": 3.58,
+              "other": 4.0}
+    write_eval(tmp_path, [(m, loss, None, 124_000_000) for m, loss in losses.items()])
+    for member in ("wd@1337", "wd@1"):
+        write_run(tmp_path, member)
+        record = json.loads((tmp_path / member / "run.json").read_text())
+        (tmp_path / member / "run.json").write_text(json.dumps({**record, "cost": {"gpu_hours": 1.5, "usd": 3.0}}))
+    spec = spec_for(tmp_path)
+    report = build_report(spec, Storage())
+
+    # Each pool is one row in place of its base models: their mean test loss, its own score and letters.
+    assert [(r.model, r.letters, r.pretraining_seeds, r.seeds) for r in report.rows] == [
+        ("wd", "a", 3, 6), ("base", "b", 3, 6), ("other", "c", None, 2)]
+    wd = report.rows[0]
+    assert wd.test_loss == pytest.approx(3.31) and wd.test_losses == [3.30, 3.32, 3.31]
+    assert (wd.gpu_hours, wd.cost_usd, wd.params) == (3.0, 6.0, 124_000_000)
+    assert wd.ci_low < wd.ift_score < wd.ci_high and len(wd.replicate_scores) == 6
+    c = report.correlation
+    assert c["resampled"] == "items, pretraining and fine-tuning seeds" and c["pretraining_seeds"] == [3, 3, 1]
+    assert c["spearman"] == -1.0 and c["seeds"] == [6, 6, 2]
+
+    write_report(report, spec.report.output)
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "| seeds | pretraining seeds |" in markdown and "| wd | 3.310 |" in markdown
+    assert "wd@1337 |" not in markdown, "a pooled base model has no row of its own"
+    assert "with 3 pretraining seeds each): the difference survives seed noise" in markdown
+    assert "with 3 pretraining seeds and 2 fine-tuning seeds): the difference survives seed noise" in markdown
+    assert "group: models sharing a letter cannot be told apart (tests that include the pretraining and " \
+           "fine-tuning seed variance, Holm-adjusted)" in markdown
+    assert "(3 models, items, pretraining and fine-tuning seeds resampled)" in markdown
+    data = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert data["rows"][0]["pretraining_seeds"] == 3 and "item_scores_by_run" not in data["rows"][0]
+    assert_real_png(tmp_path / "report" / "loss_vs_score.png")
+
+    assert main(["report", "--set", f"storage_path={tmp_path}", "--set", "report.bootstrap_samples=100",
+                 "--output", str(tmp_path / "cli")]) == 0
+    out = capsys.readouterr().out
+    assert "pretraining seeds" in out and "wd - base: +" in out
+
+
+def test_the_loss_score_sentence_says_agree_disagree_or_cannot_tell():
+    assert describe_agreement(-1.0, [-1.0, -0.6]) == \
+        "test loss and IFT score agree (lower loss, higher score): Spearman -1.00, 95% CI -1.00 to -0.60"
+    assert describe_agreement(0.4, [-0.5, 0.9]) == \
+        "test loss and IFT score: cannot tell at this sample size (Spearman 0.40, 95% CI -0.50 to 0.90)"
+    assert describe_agreement(0.8, [0.2, 1.0]).startswith("test loss and IFT score disagree")
+    assert "cannot tell" in describe_agreement(None, [None, None])

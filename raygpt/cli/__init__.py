@@ -44,13 +44,24 @@ def build_parser() -> argparse.ArgumentParser:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--tokens", type=int, help="training-token budget (data.tokens)")
     budget.add_argument("--chinchilla", metavar="PRESET", help="20 tokens per parameter of PRESET (data.chinchilla)")
-    p.add_argument("--num-proc", type=int, help="tokenizer processes, 0: one per CPU (data.num_proc)")
+    p.add_argument("--num-proc", type=int, help="tokenizer threads, 0: one per CPU (data.num_proc)")
     p.set_defaults(handler="raygpt.cli.commands:prepare_command")
 
     p = verbs.add_parser("train", help="pretrain with Ray Train (resumes a run of the same name)")
     _spec_args(p)
     _ray_args(p)
     p.set_defaults(handler="raygpt.cli.commands:train_command")
+
+    p = verbs.add_parser("sweep", help="an ablation sweep: variants x seeds through Ray Tune, compared with the "
+                                       "baseline seed by seed (resumes where it stopped)")
+    p.add_argument("spec", help="sweep spec (YAML), e.g. jobs/sweep-gpt2-small-ablations.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a run-spec value of every run, e.g. --set train.max_steps=2000 (repeatable)")
+    p.add_argument("--combine", action="append", default=[], metavar="A,B,...",
+                   help="add a variant that stacks these variants' settings (repeatable; conflicting keys refused)")
+    p.add_argument("--output", default=None, help="also write the report files into this local directory")
+    _ray_args(p)
+    p.set_defaults(handler="raygpt.cli.commands:sweep_command")
 
     p = verbs.add_parser("eval", help="test loss (and HellaSwag) of checkpoints and openai:NAME models")
     _spec_args(p, required=False)
@@ -137,8 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     _spec_args(p)
     p.add_argument("--address", default=None, help="Ray dashboard address (default: $RAY_ADDRESS or http://127.0.0.1:8265)")
     # dest "stage": "verb" is the subcommand's own dest, which the CLI's error messages name.
-    p.add_argument("--verb", dest="stage", default=None, choices=["train", "eval", "ift", "judge", "report", "data"],
-                   help="stage to run (default: from the spec's file name, else train)")
+    p.add_argument("--verb", dest="stage", default=None,
+                   choices=["train", "eval", "ift", "judge", "report", "data", "sweep"],
+                   help="stage to run (default: sweep for a sweep spec, else from the spec's file name, else train)")
     p.add_argument("--no-follow", action="store_true", help="return after submitting")
     p.add_argument("--working-dir", default=None, metavar="DIR",
                    help="upload this folder with the job (it must hold the spec); default: the spec alone")
@@ -168,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         handler = getattr(importlib.import_module(module_name), func_name)
         status = handler(args)
     except RaygptError as e:
-        print(f"raygpt {args.verb}: error: {e}", file=sys.stderr)
+        from raygpt.storage import without_userinfo  # on errors only: it loads pyarrow
+
+        print(f"raygpt {args.verb}: error: {without_userinfo(str(e))}", file=sys.stderr)  # a URL may carry a password
         return 2
     except KeyboardInterrupt:
         print(f"raygpt {args.verb}: interrupted", file=sys.stderr)

@@ -6,7 +6,10 @@ runs from the CLI, a Ray job or a test.
 
 from __future__ import annotations
 
+import math
+import sys
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -56,21 +59,22 @@ def check_flag_uris(*flags: tuple[str, list[str] | str | None, bool]) -> None:
         raise RaygptError("; ".join(problems))
 
 
+def flag_settings(*flags: tuple[str, Any]) -> dict[str, Any]:
+    """(spec key, flag value) of the flags given (not None), for ``load_spec(settings=...)``."""
+    return {key: value for key, value in flags if value is not None}
+
+
 def prepare_command(args) -> int:
     """``raygpt data prepare [SPEC] [--source S] [--output URI] [--tokens N | --chinchilla PRESET]``."""
-    # The flags are overrides like any --set, so load_spec checks them and names the spec file.
-    flags = list(args.overrides)
-    if args.source:
-        flags.append(f"data.source={args.source}")
-    if args.output:
-        flags.append(f"data.output={args.output}")
+    # The flags are settings of the spec, so load_spec checks them (an empty --source is no
+    # source, not "unset") and names the spec file and the key.
+    settings = flag_settings(("data.source", args.source), ("data.output", args.output),
+                             ("data.num_proc", args.num_proc))
     if args.tokens is not None:
-        flags += [f"data.tokens={args.tokens}", "data.chinchilla=null"]
-    if args.chinchilla:
-        flags += ["data.tokens=null", f"data.chinchilla={args.chinchilla}"]
-    if args.num_proc is not None:
-        flags.append(f"data.num_proc={args.num_proc}")
-    spec = load_spec(args.spec, flags)
+        settings.update({"data.tokens": args.tokens, "data.chinchilla": None})
+    if args.chinchilla is not None:
+        settings.update({"data.tokens": None, "data.chinchilla": args.chinchilla})
+    spec = load_spec(args.spec, args.overrides, settings=settings)
     from raygpt.data.prepare import prepare  # torch: seconds to import, after the checks
 
     prepare(spec, Storage.from_config(spec.storage), console=Console())
@@ -89,6 +93,28 @@ def train_command(args) -> int:
         val = f", val loss {final['val_loss']:.4f}" if final.get("val_loss") is not None else ""
         print(f"raygpt train: {spec.name} {summary.get('status')} at step {final.get('step')}: "
               f"loss {final.get('loss', float('nan')):.4f}{val}; run record {join(run_dir(spec), RUN_RECORD_FILE)}")
+    return 0
+
+
+def sweep_command(args) -> int:
+    """``raygpt sweep SPEC [--set k=v] [--combine A,B] [--output DIR]``: train every (variant,
+    seed), evaluate, fine-tune and judge them as the spec's stages say, and report."""
+    from raygpt.sweep.spec import load_sweep, parse_combine
+
+    check_flag_uris(("--output", args.output, False))
+    sweep = load_sweep(args.spec, args.overrides, parse_combine(args.combine))  # every run checked before Ray
+    check_ray_flags(args)
+    from raygpt.sweep.run import run_sweep  # torch, Ray and Tune: seconds to import, after the checks
+
+    document = run_sweep(sweep, make_console(), address=args.address, num_cpus=args.num_cpus,
+                         local_report=args.output)
+    failed = [r["run"] for r in document["runs"] if r["status"] == "failed" or r["error"]]
+    problems = ([f"{len(failed)} of {len(document['runs'])} run(s) failed: {', '.join(failed)}"] if failed else []) + \
+        [f"the {stage} stage failed" for stage in document["stage_errors"]]
+    if problems:
+        print(f"raygpt sweep: {'; '.join(problems)} (their errors are in the report); the same command "
+              "resumes the sweep", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -111,17 +137,11 @@ def eval_command(args) -> int:
 
 def ift_command(args) -> int:
     """``raygpt ift SPEC [--model REF]... [--data SOURCE] [--output URI] [--force]``."""
-    spec = load_spec(args.spec, args.overrides)
+    spec = load_spec(args.spec, args.overrides, settings=flag_settings(
+        ("ift.models", args.models), ("ift.data", args.data), ("ift.output", args.output)))
     check_ray_flags(args)
-    check_flag_uris(("--model", args.models, True), ("--output", args.output, True))
     from raygpt.ift import print_summary, run_ift  # torch and Ray: seconds to import, after the checks
 
-    if args.models:
-        spec.ift.models = list(args.models)
-    if args.data:
-        spec.ift.data = args.data
-    if args.output:
-        spec.ift.output = args.output
     summaries, output = run_ift(spec, address=args.address, num_cpus=args.num_cpus, force=args.force)
     print_summary(summaries, output, make_console(log_width=120))
     return 0
@@ -148,13 +168,30 @@ def judge_command(args) -> int:
 
 
 def report_command(args) -> int:
-    """``raygpt report [SPEC] [--output DIR]``."""
-    from raygpt.report import build_report, render_terminal, write_report
+    """``raygpt report [SPEC] [--output DIR]``; of a sweep spec, the sweep's comparison."""
+    from raygpt.report import build_report, check_report_output, render_terminal, write_report
 
     check_flag_uris(("--output", args.output, False))
+    if args.spec is not None:
+        from raygpt.sweep.spec import is_sweep_file, load_sweep
+
+        if is_sweep_file(args.spec):
+            from raygpt.sweep.report import REPORT_FOLDER, gather, render, sweep_folders, write
+
+            sweep = load_sweep(args.spec, args.overrides)
+            if args.output is not None:
+                check_report_output(args.output)
+            storage = Storage.from_config(sweep.stage_spec.storage)
+            document = gather(sweep, storage)
+            console = make_console()
+            render(document, console)
+            written = write(document, storage, sweep_folders(sweep)[REPORT_FOLDER], args.output)
+            console.print("wrote " + ", ".join(written), soft_wrap=True, highlight=False)
+            return 0
     spec = load_spec(args.spec, args.overrides)
-    if args.output:
+    if args.output is not None:
         spec.report.output = args.output
+    check_report_output(spec.report.output)
     report = build_report(spec, Storage.from_config(spec.storage))
     console = make_console()
     render_terminal(report, console)
@@ -171,6 +208,7 @@ def export_command(args) -> int:
     from raygpt.weights.hub import connect_hub, model_card, model_facts, push_folder
     from raygpt.weights.refs import load_model
 
+    check_flag_uris(("OUTPUT", args.output, True))  # an empty OUTPUT would be the current folder
     spec = load_spec(args.spec, args.overrides)
     storage = Storage.from_config(spec.storage)
     hub = None
@@ -194,10 +232,42 @@ def export_command(args) -> int:
     return 0
 
 
+def check_sampling_flags(args) -> None:
+    """``--max-new-tokens``, ``--temperature``, ``--top-k``, ``--seed`` (and ``--num-samples``)
+    of ``sample`` and ``chat``, all problems in one RaygptError before any model loads."""
+    from raygpt.config import SEED_LIMIT
+
+    problems = [f"{flag}: must be positive, got {value}" for flag, value in
+                (("--max-new-tokens", args.max_new_tokens), ("--num-samples", getattr(args, "num_samples", 1)))
+                if value <= 0]
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        problems.append(f"--temperature: must be a finite number, 0 or more, got {args.temperature}")
+    if args.top_k < 0:
+        problems.append(f"--top-k: must not be negative, got {args.top_k}")
+    if not 0 <= args.seed < SEED_LIMIT:
+        problems.append(f"--seed: must be in 0..{SEED_LIMIT - 1}, got {args.seed}")
+    if problems:
+        raise RaygptError("; ".join(problems))
+
+
 def _device(requested: str | None) -> str:
+    """The device ``--device`` names (default: cuda when present), checked: a device torch does
+    not know, one that holds no data (meta) or a GPU this machine does not have is an error."""
     import torch
 
-    return requested or ("cuda" if torch.cuda.is_available() else "cpu")
+    if requested is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise RaygptError(f"--device {requested!r}: expected cpu, cuda or cuda:N")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= gpus:
+        raise RaygptError(f"--device {requested}: this machine has {gpus} CUDA GPU(s)"
+                          + ("" if torch.version.cuda else " (this torch is built without CUDA)"))
+    return requested
 
 
 def _autocast(device: str):
@@ -221,11 +291,7 @@ def sample_command(args) -> int:
     from raygpt.sample import sample_text
     from raygpt.weights.refs import load_model
 
-    for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--num-samples", args.num_samples)):
-        if value <= 0:
-            raise RaygptError(f"{flag}: must be positive, got {value}")
-    if args.temperature < 0 or args.top_k < 0:
-        raise RaygptError("--temperature and --top-k: must not be negative")
+    check_sampling_flags(args)
     spec = load_spec(args.spec, args.overrides)
     device = _device(args.device)
     model, info = load_model(args.model, spec, Storage.from_config(spec.storage), device)
@@ -258,10 +324,11 @@ def chat_command(args) -> int:
     from raygpt.sample import chat
     from raygpt.weights.refs import load_model, prompt_style_of
 
+    check_sampling_flags(args)
     spec = load_spec(args.spec, args.overrides)
     storage = Storage.from_config(spec.storage)
-    style = get_prompt_style(args.prompt_style or prompt_style_of(args.model, spec, storage) or spec.ift.prompt_style)
     device = _device(args.device)
+    style = get_prompt_style(args.prompt_style or prompt_style_of(args.model, spec, storage) or spec.ift.prompt_style)
     model, info = load_model(args.model, spec, storage, device)
     interactive = sys.stdin.isatty()
     print(f"{info['id']}: {model.num_params():,} params on {device}, {style.name} prompt; "

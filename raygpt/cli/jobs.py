@@ -36,8 +36,8 @@ from raygpt.config import RunSpec, load_spec
 from raygpt.errors import RaygptError
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-# Stages a spec can be submitted as; ``data`` runs ``raygpt data prepare``.
-VERBS = ("train", "eval", "ift", "judge", "report", "data")
+# Stages a spec can be submitted as; ``data`` runs ``raygpt data prepare``, ``sweep`` a sweep spec.
+VERBS = ("train", "eval", "ift", "judge", "report", "data", "sweep")
 ACTIVE = ("PENDING", "RUNNING")
 TOKEN_PLACES = "$RAY_AUTH_TOKEN, the file $RAY_AUTH_TOKEN_PATH names, or ~/.ray/auth_token"
 
@@ -190,26 +190,36 @@ def next_submission_id(base: str, previous: list[Any]) -> str:
     return f"{base}-{max(_suffix(job.submission_id, base) for job in previous) + 1}"
 
 
-def stage_working_dir(spec_path: Path, working_dir: str | None, staging: Path) -> tuple[Path, str]:
+def stage_working_dir(spec_path: Path, working_dir: str | None, staging: Path,
+                      also: tuple[Path, ...] = ()) -> tuple[Path, str]:
     """The folder to upload and the spec's path inside it.
 
-    By default only the spec is uploaded, at the same relative path it has here (so the job
-    runs ``raygpt train jobs/X.yaml`` like the plain ``ray job submit`` does). ``working_dir``
-    uploads a whole folder instead, for specs that read local files; the spec must be in it.
+    By default only the spec is uploaded (with ``also``: the files it reads, a sweep's base
+    run spec), each at the same relative path it has here, so the job runs ``raygpt train
+    jobs/X.yaml`` like the plain ``ray job submit`` does. ``working_dir`` uploads a whole
+    folder instead, for specs that read local files; the spec must be in it.
     """
     spec_path = spec_path.absolute()
     if working_dir:
         root = Path(working_dir).absolute()
         if not root.is_dir():
             raise RaygptError(f"--working-dir {working_dir}: not a directory")
-        try:
-            return root, spec_path.relative_to(root).as_posix()
-        except ValueError:
-            raise RaygptError(f"{spec_path}: the spec must be inside --working-dir {root}") from None
+        for path in (spec_path, *(p.absolute() for p in also)):
+            if not path.is_relative_to(root):
+                raise RaygptError(f"{path}: the spec and the files it names must be inside --working-dir {root}")
+        return root, spec_path.relative_to(root).as_posix()
     try:
         relpath = spec_path.relative_to(Path.cwd()).as_posix()
     except ValueError:
         relpath = spec_path.name
+    for path in also:
+        try:
+            other = path.absolute().relative_to(Path.cwd()).as_posix()
+        except ValueError:
+            raise RaygptError(f"{path}: outside the current folder, so the job could not find it at the same "
+                              "path: submit from a folder that holds it, or pass --working-dir") from None
+        (staging / other).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, staging / other)
     (staging / relpath).parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(spec_path, staging / relpath)
     return staging, relpath
@@ -220,6 +230,7 @@ def cluster_local_paths(spec: RunSpec, verb: str) -> list[str]:
     resolve inside the job's temporary working directory, where nothing outlives the job."""
     keys = {"storage_path": spec.storage_path}
     keys.update({
+        "sweep": {"train.dataset": spec.train.dataset},
         "train": {"train.dataset": spec.train.dataset},
         "eval": {"eval.dataset": spec.eval.dataset, "eval.output": spec.eval.output},
         "ift": {"ift.output": spec.ift.output},
@@ -236,8 +247,10 @@ def submit_command(args) -> int:
 
     console = Console(highlight=False, soft_wrap=True)
     spec_path = Path(args.spec)
-    spec = load_spec(spec_path, args.overrides)  # a bad spec fails here, before anything is sent
-    verb = verb_for(spec_path, args.stage)
+    sweep = _sweep_of(spec_path, args)
+    # A bad spec fails here, before anything is sent (a sweep: every one of its runs' specs).
+    spec = sweep.stage_spec if sweep else load_spec(spec_path, args.overrides)
+    verb = "sweep" if sweep else verb_for(spec_path, args.stage)
     url = resolve_address(args.address)
     token = find_auth_token()
     client = job_client(url)
@@ -258,7 +271,8 @@ def submit_command(args) -> int:
             console.print(f"[yellow]warning:[/] {warning} is a local path on the cluster, inside the job's "
                           "temporary working directory; use s3:// to keep what it writes")
         with tempfile.TemporaryDirectory(prefix="raygpt-submit-") as staging:
-            working_dir, relpath = stage_working_dir(spec_path, getattr(args, "working_dir", None), Path(staging))
+            also = (Path(sweep.base_path),) if sweep else ()
+            working_dir, relpath = stage_working_dir(spec_path, getattr(args, "working_dir", None), Path(staging), also)
             entrypoint = entrypoint_for(verb, relpath, args.overrides)
             with explained(url, token, job_id):
                 submit_when_ready(client, console, entrypoint=entrypoint, submission_id=job_id,
@@ -273,6 +287,16 @@ def submit_command(args) -> int:
         return follow(client, url, token, job_id, console)
     except KeyboardInterrupt:
         return _detached(job_id, console)
+
+
+def _sweep_of(spec_path: Path, args) -> Any:
+    """The sweep a sweep spec describes (``--verb sweep`` or a file with a ``sweep:`` section),
+    every run's spec checked; None for a run spec."""
+    from raygpt.sweep.spec import is_sweep_file, load_sweep
+
+    if args.stage not in (None, "sweep") or not (args.stage == "sweep" or is_sweep_file(spec_path)):
+        return None
+    return load_sweep(spec_path, args.overrides)
 
 
 def check_run_free(spec: RunSpec, console: Any) -> None:
