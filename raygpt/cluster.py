@@ -192,7 +192,7 @@ exits hard at step k, once per run."""
 # injection. Ray's workers inherit the environment of the node they run on, not the driver's,
 # so tasks get these explicitly.
 FORWARDED_ENV = ("RAYGPT_HF_DIR", "RAYGPT_BPE_DIR", "RAYGPT_CACHE_DIR", "HF_HOME", "HF_HUB_OFFLINE", "HF_ENDPOINT",
-                 FAIL_AT_STEP_ENV)
+                 "RAYGPT_LOG_LEVEL", FAIL_AT_STEP_ENV)
 
 
 def forwarded_env() -> dict[str, str]:

@@ -25,8 +25,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -38,6 +38,7 @@ import torch
 from raygpt.config import IftConfig, RunSpec, recorded_spec
 from raygpt.errors import RaygptError
 from raygpt.evaluate import token_loss_sums
+from raygpt.logs import show_messages
 from raygpt.prompts import PromptStyle, get_prompt_style
 from raygpt.stages import ANSWERS_FOLDER, ift_dir, replicate_id
 from raygpt.storage import Storage, is_remote, join, without_userinfo
@@ -46,6 +47,8 @@ from raygpt.tokenizer import ENDOFTEXT, EOT_ID, get_tokenizer
 from raygpt.train.components import Precision, choose_precision
 from raygpt.train.metrics import MetricsStream
 from raygpt.train.sinks import prepare_trackers, tracker_sinks
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 """Target value that ``GPT.forward``'s cross-entropy skips."""
@@ -333,6 +336,7 @@ def finetune_one(ref: str, spec: RunSpec, storage: Storage, splits: InstructionS
     from raygpt.weights.checkpoint import save_model_dir
     from raygpt.weights.refs import load_model, model_id
 
+    show_messages()
     cfg = spec.ift if seed is None else spec.ift.model_copy(update={"seed": seed})
     name = replicate_id(model_id(ref), seed)
     layout = IftLayout(output, name)
@@ -447,9 +451,9 @@ def run_ift(spec: RunSpec, address: str | None = None, num_cpus: int | None = No
     gpus = 1 if cluster_has_gpus() else 0
     nodes = sum(1 for node in ray.nodes() if node["Alive"])
     if nodes > 1 and not is_remote(output):
-        print(f"raygpt ift: warning: {output} is a local path and the cluster has {nodes} nodes: models "
-              "fine-tuned on other nodes write to those nodes' disks unless it is a shared filesystem; "
-              "use an s3:// output", file=sys.stderr)
+        log.warning("raygpt ift: warning: %s is a local path and the cluster has %d nodes: models "
+                    "fine-tuned on other nodes write to those nodes' disks unless it is a shared filesystem; "
+                    "use an s3:// output", output, nodes)
     task = ray.remote(finetune_one)
     splits_ref = ray.put(splits)
     pending = {
@@ -467,7 +471,7 @@ def run_ift(spec: RunSpec, address: str | None = None, num_cpus: int | None = No
                 summaries.append(ray.get(done[0]))
             except ray.exceptions.RayTaskError as e:
                 if not isinstance(e.cause, RaygptError):
-                    print(str(e), file=sys.stderr)  # a bug, not bad input: the remote traceback helps
+                    log.error("%s", e)  # a bug, not bad input: the remote traceback helps
                 failures.append(f"{name} ({ref}): {failure_message(e, 'fine-tuning')}")
             except ray.exceptions.RayError as e:  # its worker or node died: out of memory, a lost spot node
                 failures.append(f"{name} ({ref}): {type(e).__name__}: {str(e).splitlines()[0]}")

@@ -69,11 +69,12 @@ def tiny_dataset(s3_server, tmp_path_factory):
 @pytest.fixture(scope="session")
 def two_worker_losses(ray_local, tiny_dataset):
     """The per-step losses of an uninterrupted run of ``two_workers.two_worker_overrides``."""
+    from two_workers import two_worker_overrides
+
     from raygpt.config import load_spec
     from raygpt.storage import Storage, join
     from raygpt.train.launch import train
     from raygpt.train.metrics import read_metrics, step_losses
-    from two_workers import two_worker_overrides
 
     root = f"s3://{BUCKET}/reference-{os.urandom(4).hex()}"
     train(load_spec(None, two_worker_overrides(tiny_dataset, root, "reference")))

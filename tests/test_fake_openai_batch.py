@@ -10,9 +10,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from openai import BadRequestError, ConflictError, NotFoundError, OpenAI
-
 from fake_openai import FakeOpenAI, Reply, parse_multipart
+from openai import BadRequestError, ConflictError, NotFoundError, OpenAI
 
 KEY = "sk-test-not-a-real-key-0123456789"
 COMPARATIVE = ("Judge the answers.\n<reference>\nMouse {i} was chased.\n</reference>\n"

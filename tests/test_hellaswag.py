@@ -19,8 +19,8 @@ import torch
 from raygpt import hellaswag
 from raygpt.errors import RaygptError
 from raygpt.hellaswag import Item, load_items, render_item, score_items
-from raygpt.storage.download import default_cache_dir
 from raygpt.model import GPT, GPTConfig
+from raygpt.storage.download import default_cache_dir
 from raygpt.tokenizer import VOCAB_SIZE, encode
 
 PADDED_VOCAB = 50304  # GPT-2's 50,257 rounded up to a multiple of 64, as a padded model would have

@@ -26,8 +26,8 @@ from raygpt.cli import main
 from raygpt.config import load_spec
 from raygpt.errors import RaygptError
 from raygpt.judge.batch import BATCH_STATE_FILE, BatchPending
-from raygpt.judge.prompts import ComparativePrompt, ReplyError, SinglePrompt
 from raygpt.judge.calls import plan_calls, presentation_orders
+from raygpt.judge.prompts import ComparativePrompt, ReplyError, SinglePrompt
 from raygpt.judge.run import run_judge
 from raygpt.judge.summary import anchor_warnings
 from raygpt.judge.wording import seed_robust_sentence, variance_line

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from two_workers import two_worker_overrides
 
 from raygpt.config import load_spec, spec_to_dict
 from raygpt.errors import RaygptError
 from raygpt.storage import Storage, join
 from raygpt.train.launch import train
 from raygpt.train.metrics import read_metrics, step_batches, step_losses
-from two_workers import two_worker_overrides
 
 REPO = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"

@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 
 import numpy as np
 import pytest
-
 from scipy import stats
 
 from raygpt.stats.judge_checks import item_agreement, length_controlled, position_bias
 from raygpt.stats.multiple_comparisons import compact_letter_display, holm_adjust
-from raygpt.stats.ranks import kendall_tau_b, spearman
+from raygpt.stats.ranks import spearman
 from raygpt.stats.resampling import bootstrap_mean_ci, paired_differences, spearman_interval
 from raygpt.stats.variance import mean_ci, paired_seed_robust, variance_components
 

@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+from two_workers import two_worker_overrides
 
 from raygpt.config import load_spec
 from raygpt.errors import RaygptError
@@ -18,7 +19,6 @@ from raygpt.localstore import SeaweedFS, free_port_block
 from raygpt.storage import Storage, join
 from raygpt.train.launch import train
 from raygpt.train.metrics import read_metrics, step_losses
-from two_workers import two_worker_overrides
 from raygpt.weights.integrity import stored_checkpoint_problem
 from raygpt.weights.layout import CHECKPOINT_NAME
 from raygpt.weights.refs import load_model

@@ -14,6 +14,7 @@ import sys
 
 from raygpt import __version__
 from raygpt.errors import RaygptError
+from raygpt.logs import show_messages
 
 
 def _spec_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -175,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    show_messages()
     module_name, func_name = args.handler.split(":")
     try:
         handler = getattr(importlib.import_module(module_name), func_name)

@@ -16,11 +16,28 @@ from pydantic import BaseModel
 
 from raygpt.config.fields import SEED_LIMIT, run_name_problem, shorten
 from raygpt.config.problems import MAX_PROBLEMS_SHOWN, parse_section, problems_message, section_problems
-from raygpt.config.reading import (MAX_SPEC_BYTES, RefusedYAML, parse_override_value, read_spec_text, read_spec_yaml,
-                                   yaml_problem)
-from raygpt.config.schema import (CheckpointConfig, DataConfig, EvalConfig, IftConfig, JudgeConfig, LogConfig,
-                                  ModelConfig, ReportConfig, RunSpec, SpecSection, StorageConfig, TrainConfig,
-                                  worker_range)
+from raygpt.config.reading import (
+    MAX_SPEC_BYTES,
+    parse_override_value,
+    read_spec_text,
+    read_spec_yaml,
+    yaml_problem,
+)
+from raygpt.config.schema import (
+    CheckpointConfig,
+    DataConfig,
+    EvalConfig,
+    IftConfig,
+    JudgeConfig,
+    LogConfig,
+    ModelConfig,
+    ReportConfig,
+    RunSpec,
+    SpecSection,
+    StorageConfig,
+    TrainConfig,
+    worker_range,
+)
 from raygpt.errors import RaygptError
 from raygpt.storage import without_credentials, without_userinfo
 

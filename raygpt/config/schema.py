@@ -15,9 +15,28 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from raygpt.config.fields import (Distinct, Endpoint, EvalTask, HttpUrl, Int, LocalPath, ModelRef, Name, PresetName,
-                                  PromptStyleName, RunName, ScheduleName, Seed, StoreUri, StrategyName, Text,
-                                  TrackerName, WebSource, WorkerCount, problem)
+from raygpt.config.fields import (
+    Distinct,
+    Endpoint,
+    EvalTask,
+    HttpUrl,
+    Int,
+    LocalPath,
+    ModelRef,
+    Name,
+    PresetName,
+    PromptStyleName,
+    RunName,
+    ScheduleName,
+    Seed,
+    StoreUri,
+    StrategyName,
+    Text,
+    TrackerName,
+    WebSource,
+    WorkerCount,
+    problem,
+)
 
 MAX_CONTEXT_LENGTH = 1 << 17
 """Longest context (and sequence) a spec may ask for: 131,072 positions, 128 times GPT-2's.

@@ -10,12 +10,13 @@ budget again, three times over.
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # Matched against the lowered text of an OSError. Permanent wins: pyarrow's text for a 403
 # can also mention the (successful) connection, and a host name that does not resolve comes
@@ -82,8 +83,8 @@ class RetryPolicy:
                         raise
                     raise StoreUnavailableError(what, waited, failures, self.budget_s, _short_cause(e)) from None
                 if failures == 1:
-                    print(f"raygpt: storage: {what}: {_short_cause(e)}; retrying for up to "
-                          f"{_duration(self.budget_s)}", file=sys.stderr, flush=True)
+                    log.warning("raygpt: storage: %s: %s; retrying for up to %s", what, _short_cause(e),
+                                _duration(self.budget_s))
                 sleep(delay)
                 delay = min(2 * delay, self.max_delay_s)
 

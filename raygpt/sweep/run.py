@@ -20,8 +20,8 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from raygpt.errors import RaygptError
 from raygpt.config import spec_to_dict
+from raygpt.errors import RaygptError
 from raygpt.stages import JUDGE_SUMMARY_FILE, TEST_LOSS_FILE
 from raygpt.storage import Storage, join
 from raygpt.sweep.report import REPORT_FOLDER, gather, render, sweep_folders, unchanged, write

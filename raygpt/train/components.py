@@ -20,7 +20,6 @@ from raygpt.config import RunSpec, recorded_spec
 from raygpt.errors import RaygptError
 from raygpt.train.schedule import Schedule
 
-
 RECENT_METRICS_KEPT = 1000
 """At most this many metrics records ride along in a checkpoint (the oldest go first)."""
 

@@ -16,7 +16,6 @@ import _thread
 import json
 import logging
 import os
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, replace
@@ -72,10 +71,10 @@ from raygpt.train.plan import TrainPlan, plan_run
 from raygpt.train.progress import ProgressView
 from raygpt.train.resume import check_resume, prepare_resume
 from raygpt.train.retention import CheckpointRetention
-from raygpt.weights.retention import Retention
 from raygpt.train.runrecord import RunRecord
 from raygpt.train.sinks import MetricsFile, QueueSink, end_tracker_runs, prepare_trackers, tracker_sinks
 from raygpt.weights.integrity import ResumeChoice
+from raygpt.weights.retention import Retention
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +103,7 @@ def check_cluster(plan: TrainPlan, spec: RunSpec, started_locally: bool) -> None
         raise RaygptError(f"train.num_workers: {workers} workers need {' and '.join(short)}; lower "
                           "train.num_workers / train.cpus_per_worker or pass --num-cpus")
     if short:
-        print(f"raygpt train: waiting for the cluster to grow: {workers} workers need {' and '.join(short)}",
-              file=sys.stderr)
+        logger.warning("raygpt train: waiting for the cluster to grow: %d workers need %s", workers, " and ".join(short))
 
 
 class MetricsCallback(UserCallback):
@@ -171,11 +169,11 @@ def recover_metrics(run_uri: str, storage: Storage, resume: ResumeChoice,
     records, restored, lost = recover_records(read_metrics(run_uri, storage), state, resume.name)
     if restored:
         storage.write_text(join(run_uri, METRICS_FILE), "".join(json.dumps(r) + "\n" for r in records))
-        print(f"raygpt train: restored step(s) {describe_steps(restored)} to {join(run_uri, METRICS_FILE)} from "
-              f"{resume.name}", file=sys.stderr)
+        logger.warning("raygpt train: restored step(s) %s to %s from %s", describe_steps(restored),
+                       join(run_uri, METRICS_FILE), resume.name)
     if lost:
-        print(f"raygpt train: the metrics of step(s) {describe_steps(lost)} are lost: neither {METRICS_FILE} nor "
-              f"{resume.name} holds them (run.json lists them under lost_steps)", file=sys.stderr)
+        logger.warning("raygpt train: the metrics of step(s) %s are lost: neither %s nor %s holds them "
+                       "(run.json lists them under lost_steps)", describe_steps(lost), METRICS_FILE, resume.name)
     return {"restored": restored, "lost_steps": lost}
 
 
@@ -233,7 +231,7 @@ def _interrupt_this_driver():
     in_main = threading.current_thread() is threading.main_thread()
 
     def interrupt(why: str) -> None:
-        print(f"raygpt train: {why}", file=sys.stderr, flush=True)
+        logger.warning("raygpt train: %s", why)
         if in_main:
             _thread.interrupt_main()
 

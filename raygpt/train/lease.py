@@ -31,7 +31,6 @@ import logging
 import os
 import secrets
 import socket
-import sys
 import threading
 import time
 from datetime import datetime, timezone
@@ -146,8 +145,8 @@ class RunLease:
             return
         if not take_over:
             raise RunLeasedError(describe_holder(self.run_name, self.run_uri, held))
-        print(f"raygpt train: taking over the lease of run {self.run_name} from host {held.get('host')}, "
-              f"pid {held.get('pid')} (train.take_over)", file=sys.stderr)
+        log.warning("raygpt train: taking over the lease of run %s from host %s, pid %s (train.take_over)",
+                    self.run_name, held.get("host"), held.get("pid"))
 
     def _take(self, take_over: bool) -> None:
         """Create the lease, or swap the version read for this driver's: one of two drivers
@@ -191,7 +190,7 @@ class RunLease:
                         self.on_lost(self.lost)
                     return
             except RaygptError as e:  # the store is out for longer than storage.retry_minutes
-                print(f"raygpt train: cannot renew the lease of run {self.run_name}: {e}", file=sys.stderr)
+                log.warning("raygpt train: cannot renew the lease of run %s: %s", self.run_name, e)
 
     def _renewed(self) -> dict[str, Any] | None:
         """Renew the lease; None, or the lease another driver wrote over it."""
@@ -232,9 +231,9 @@ class RunLease:
                     with contextlib.suppress(OSError):
                         os.rmdir(self.run_uri)
         except RaygptError as e:
-            print(f"raygpt train: cannot release the lease of run {self.run_name} ({e}); a driver started on "
-                  f"this host ({socket.gethostname()}) takes it over at once, once this one has exited; one on "
-                  f"another host after {self.expires_after_s:.0f} s without renewal", file=sys.stderr)
+            log.warning("raygpt train: cannot release the lease of run %s (%s); a driver started on this host "
+                        "(%s) takes it over at once, once this one has exited; one on another host after %.0f s "
+                        "without renewal", self.run_name, e, socket.gethostname(), self.expires_after_s)
 
     def __enter__(self) -> RunLease:
         return self

@@ -7,9 +7,9 @@ it to Ray Train: the rank and device Ray assigns, the checkpoint Ray hands over,
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from typing import Any
@@ -20,6 +20,7 @@ import ray.train.torch
 from ray.train import CheckpointUploadMode
 
 from raygpt.cluster import FAIL_AT_STEP_ENV, quiet_report_logs
+from raygpt.logs import show_messages
 from raygpt.storage import Storage, join
 from raygpt.train.components import use_device
 from raygpt.train.metrics import MetricsWindow, device_name
@@ -40,12 +41,15 @@ from raygpt.train.step import (
 )
 from raygpt.weights.layout import checkpoint_dir_name
 
+log = logging.getLogger(__name__)
+
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     started = time.time()
     spec, plan = config["spec"], config["plan"]
     os.environ.update(config["env"])  # the driver's RAYGPT_CACHE_DIR etc.: workers inherit their node's env
     quiet_report_logs()
+    show_messages()
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = use_device(ray.train.torch.get_device() if plan.use_gpu else "cpu")
@@ -215,5 +219,7 @@ def inject_fault(w: Worker) -> None:
     if storage.exists(marker):
         return
     storage.write_text(marker, "fault injection: the last worker exited here\n")
-    print(f"raygpt: fault injection: rank {w.rank} exits at step {k}", file=sys.stderr, flush=True)
+    log.warning("raygpt: fault injection: rank %d exits at step %d", w.rank, k)
+    for handler in logging.getLogger("raygpt").handlers:  # os._exit skips logging's own flush
+        handler.flush()
     os._exit(1)

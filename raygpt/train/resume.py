@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -70,14 +69,14 @@ def check_resume(run_uri: str, spec: RunSpec, storage: Storage,
     workers, the run record and the checkpoints all name the number."""
     choice = newest_intact_checkpoint(run_uri, storage)
     for name, problem in choice.skipped:
-        print(f"raygpt train: skipped checkpoint {join(run_uri, name)}: {problem}", file=sys.stderr)
+        log.warning("raygpt train: skipped checkpoint %s: %s", join(run_uri, name), problem)
     latest = choice.uri
     if latest is None:
         check_nothing_lost(run_uri, storage, choice)
         spec.model.vocab_multiple = config_from_spec(spec.model).vocab_multiple
         return choice, None
     if choice.skipped:
-        print(f"raygpt train: resuming from {latest}, the newest intact checkpoint", file=sys.stderr)
+        log.warning("raygpt train: resuming from %s, the newest intact checkpoint", latest)
     saved_config = model_config_from_dict(storage.read_json(join(latest, MODEL_CONFIG_FILE)),
                                           join(latest, MODEL_CONFIG_FILE))
     config = config_from_spec(spec.model, saved_config)

@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import secrets
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -198,8 +197,8 @@ class TrackerSink(MetricsSink):
         except Exception as e:  # a tracker must never end a training run: say so once and stop
             self._failed = True
             why = without_userinfo(last_line(str(e)))[:300]  # cleaned before the cut, which could halve a URL
-            print(f"raygpt: the {self.name} tracker stopped ({type(e).__name__}: {why}); "
-                  "training goes on and metrics.jsonl keeps every step", file=sys.stderr, flush=True)
+            logger.warning("raygpt: the %s tracker stopped (%s: %s); training goes on and metrics.jsonl keeps "
+                           "every step", self.name, type(e).__name__, why)
 
     def write(self, report: dict[str, Any], records: list[dict[str, Any]]) -> None:
         points = tracker_points(report)
@@ -410,8 +409,8 @@ def end_tracker_runs(ids: dict[str, dict[str, Any]], status: str) -> None:
 
         MlflowClient(ids["mlflow"]["tracking_uri"]).set_terminated(ids["mlflow"]["run_id"], MLFLOW_STATUS[status])
     except Exception as e:  # the tracker is unreachable: the run record still says what happened
-        print(f"raygpt: could not mark the MLflow run {status} ({type(e).__name__}: "
-              f"{without_userinfo(last_line(str(e)))[:300]})", file=sys.stderr, flush=True)
+        logger.warning("raygpt: could not mark the MLflow run %s (%s: %s)", status, type(e).__name__,
+                       without_userinfo(last_line(str(e)))[:300])
 
 
 def tracker_sinks(ids: dict[str, dict[str, Any]], storage: Storage, config: dict[str, Any],
