@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -326,6 +325,20 @@ def test_a_finished_sweep_started_again_only_prints_its_report(finished_sweep):
     assert "lr-div-30: +" in printed and document["variants"] == finished_sweep["document"]["variants"]
 
 
+@pytest.mark.integration
+def test_no_credential_reaches_a_trial_or_a_ray_log(finished_sweep, s3_server):
+    """Ray Tune would copy the driver's AWS keys into each trial's runtime env, which Ray's
+    runtime-env agent logs in plain text; the sweep keeps them out."""
+    import ray
+
+    secret = s3_server.secret_key.encode()
+    logs = Path(ray._private.worker.global_worker.node.get_session_dir_path()) / "logs"
+    assert any(p.name == "runtime_env_agent.log" for p in logs.iterdir())
+    leaked = [p for p in logs.rglob("*") if p.is_file() and secret in p.read_bytes()]
+    assert not leaked
+    assert secret not in (finished_sweep["folder"] / "console.txt").read_bytes()
+
+
 def _records(storage: str, runs: list[str]) -> dict[str, dict]:
     from raygpt.storage import Storage, join
 
@@ -341,10 +354,13 @@ INSTRUCTION_WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa la
 
 
 @pytest.fixture(scope="module")
-def killed_sweep(finished_sweep, s3_server):
+def killed_sweep(finished_sweep, ray_local, s3_server):
     """The driver of a sweep (baseline and lr-div-30 x seeds 1 and 2; train, eval, ift, report)
-    SIGKILLed while runs are in flight (one finished, another past its first checkpoint), then
-    the same command again."""
+    on the session's Ray, SIGKILLed while runs are in flight (one finished, another past its
+    first checkpoint), then, once Ray has stopped the killed driver's trials, the same command
+    again."""
+    from ray._private.state import actors
+
     from raygpt.storage import Storage, join
 
     folder, storage = finished_sweep["folder"], finished_sweep["storage"]
@@ -355,7 +371,9 @@ def killed_sweep(finished_sweep, s3_server):
            "ift.eval_interval: 100, ift.max_new_tokens: 8, ift.generation_batch_size: 16}\n")
     path = write_sweep(folder, "killed", seeds="[1, 2]", extra="", stages="[train, eval, ift, report]", more=ift)
     runs = [f"killed/{v}@{s}" for v in ("baseline", "lr-div-30") for s in (1, 2)]
-    command = [sys.executable, "-m", "raygpt.cli", "sweep", str(path), "--num-cpus", "4"]
+    command = [sys.executable, "-m", "raygpt.cli", "sweep", str(path),
+               "--address", ray_local.get_runtime_context().gcs_address]
+    before_driver = set(actors(actor_state_name="ALIVE"))
     env = {**os.environ, **s3_server.env()}
     env.pop("RAY_ADDRESS", None)
     with open(folder / "killed-first.log", "w") as log:
@@ -374,8 +392,14 @@ def killed_sweep(finished_sweep, s3_server):
                     break
                 time.sleep(0.2)
         finally:
-            os.kill(driver.pid, signal.SIGKILL)  # the driver alone: the local Ray it started goes with it
+            driver.kill()
             driver.wait()
+    # The killed driver's job ends and Ray stops its actors: the trials, each the driver of one
+    # run, and their workers. A trial gets a moment past the kill: a run may finish in it.
+    ceiling = time.time() + 120
+    while set(actors(actor_state_name="ALIVE")) - before_driver:
+        assert time.time() < ceiling, "the killed sweep's trials are still alive"
+        time.sleep(0.2)
     before = {r: (Storage().read_bytes(join(storage, r, "run.json")), Storage().read_bytes(join(storage, r, "metrics.jsonl")))
               for r in finished}
     again = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=1200, env=env)
@@ -400,8 +424,11 @@ def test_a_killed_sweep_started_again_skips_finished_runs_and_resumes_the_rest(f
     for run in killed_sweep["in_flight"]:
         # The killed session's attempt is in the record, ended as its driver was lost; the next
         # session resumed the run from a checkpoint (or, had the run reached its last step
-        # before the kill, only completed its record).
+        # before its trial stopped, only completed its record, or found it finished).
         attempts = records[run]["attempts"]
+        if attempts[0]["ended"] == "finished":  # the trial finished the run before Ray stopped it
+            assert records[run]["sessions"] == 1 and attempts[0]["last_step"] == 20, records[run]
+            continue
         assert attempts[0]["ended"] == "driver lost" and attempts[0]["last_step"] >= 10, attempts
         assert records[run]["sessions"] == 2 or attempts[0]["last_step"] == 20, records[run]
         if records[run]["sessions"] == 2:

@@ -74,6 +74,24 @@ def default_concurrency(runs: list[SweepRun], resources: dict[str, float]) -> in
     return max(1, math.floor(resources.get("CPU", 0) / need))
 
 
+CREDENTIAL_ENV = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"})
+"""What Ray Tune copies from the driver's environment into every trial's runtime env."""
+
+
+def keep_credentials_out_of_trials() -> None:
+    """Stop Ray Tune from putting the driver's AWS credentials into each trial actor's runtime
+    env: Ray's runtime-env agent logs a runtime env in plain text (``runtime_env_agent.log``),
+    and raygpt puts no credential in a job. A trial reads S3 as every Ray worker of a run does,
+    from its node's environment, config files or instance profile. Tune keeps the list in a
+    module global that it reads at each trial start; without that global (another Ray) this
+    does nothing, and the sweep tests' log scan says so."""
+    from ray.tune.execution import class_cache
+
+    names = getattr(class_cache, "ENV_VARS_TO_PROPAGATE", None)
+    if names is not None:
+        class_cache.ENV_VARS_TO_PROPAGATE = frozenset(names) - CREDENTIAL_ENV
+
+
 def train_runs(sweep: Sweep, storage: Storage, progress, address: str | None = None,
                num_cpus: int | None = None) -> list[RunOutcome]:
     """Train every run of the sweep that its record does not call trained; returns each run's outcome."""
@@ -100,6 +118,7 @@ def _fit(sweep: Sweep, pending: list[SweepRun], outcomes: dict[str, RunOutcome],
     # A trial stays in the folder the sweep started from (Tune hands this to every trial), so a
     # run spec's relative paths mean there what they mean to `raygpt train`.
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
+    keep_credentials_out_of_trials()
     poll_reports_often()
     connect(address, num_cpus)
     concurrency = sweep.config.max_concurrent or default_concurrency(pending, ray.cluster_resources())
