@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from raygpt.train.attempts import AttemptLog, attempt_segments, close_orphaned, describe_attempts
+from raygpt.train.metrics import MetricsStream
 from raygpt.train.saving import SaveSchedule
 
 
@@ -56,6 +57,24 @@ def test_an_attempt_a_lost_driver_left_open_ends_at_its_last_recorded_step():
     resumed.begin({"resumed_from_step": 8, "world_size": 2, "first_step_at": 40.0})
     assert (closed[0]["ended"], resumed.attempts[0]["recomputed_after"]) == ("driver lost", 4)
     assert resumed.attempts[0]["seconds_to_next_step"] == 18.0
+
+
+def test_records_a_resumed_worker_hands_on_belong_to_the_attempt_that_saved_them():
+    """A save on a spot notice whose report never reached the driver (its node went first)
+    comes back with the next attempt's first report: it is the earlier attempt's record, and
+    that attempt ended on the notice."""
+    stream = MetricsStream([], [])
+    stream.add({"step": 0, "resumed_from_step": 0, "world_size": 2, "attempt_started": 1.0})
+    stream.add({"step": 4, "loss": 3.0, "step_losses": {"3": 3.1, "4": 3.0}, "time": 5.0})
+    carried = [{"step": 5, "loss": 2.95, "step_losses": {"5": 2.95}, "time": 6.0},
+               {"step": 6, "loss": 2.9, "step_losses": {"6": 2.9}, "time": 7.0, "checkpoint_reason": "preemption"}]
+    stream.add({"step": 6, "resumed_from_step": 6, "world_size": 1, "attempt_started": 20.0,
+                "carried_records": carried})
+    by_step = {r["step"]: r for r in stream.records}
+    assert sorted(by_step) == [0, 4, 5, 6] and by_step[5]["attempt"] == 1
+    assert by_step[6]["checkpoint_reason"] == "preemption" and by_step[6]["attempt"] == 2  # the resume merges in
+    first, second = stream.attempts.attempts
+    assert (first["last_step"], first["ended"], second["attempt"]) == (6, "preemption notice", 2)
 
 
 def test_saves_by_step_minutes_notice_and_end_with_checks_every_few_seconds():

@@ -173,8 +173,13 @@ class MetricsStream:
         if "resumed_from_step" in report:
             self.records = [r for r in self.records if r["step"] <= report["resumed_from_step"]]
             if carried:  # the checkpoint's own report may never have arrived (its node went first)
+                logged = self.records[-1]["step"] if self.records else 0
                 self.records, _, _ = recover_records(self.records, {"step": report["resumed_from_step"],
                                                                     "recent_metrics": carried}, None)
+                if self.attempts.current is not None:  # they belong to the attempt that saved, not this one
+                    for record in (r for r in self.records if r["step"] > logged):
+                        self.attempts.report(record)  # its last step, and whether it saved on a notice
+                        record.setdefault("attempt", self.attempts.current["attempt"])
             self.attempts.begin(report)
             self.event({"event": "attempts", "attempts": self.attempts.attempts})
         self.attempts.report(report)
