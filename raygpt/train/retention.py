@@ -32,5 +32,7 @@ class CheckpointRetention(UserCallback):
         except RaygptError as e:  # the store is out: the next save tries again
             log.warning("raygpt: checkpoint retention skipped this save: %s", e)
             return
-        for name, why in removed:
-            log.info("raygpt: removed checkpoint folder %s: %s", join(self.retention.run_uri, name), why)
+        for name, why in removed:  # each save prunes one beyond checkpoint.keep: say so only when asked
+            routine = str(why).startswith("beyond checkpoint.keep")
+            log.log(logging.DEBUG if routine else logging.INFO, "raygpt: removed checkpoint folder %s: %s",
+                    join(self.retention.run_uri, name), why)
