@@ -145,8 +145,8 @@ def test_acc_and_acc_norm_disagree_on_a_long_likely_ending():
 
     result = score_items(model, [item], "cpu", per_item=True)
     scored = result["per_item"][0]
-    assert scored["sum_loss"] == pytest.approx(sums, rel=1e-5)
-    assert scored["mean_loss"] == pytest.approx(means, rel=1e-5)
+    assert scored["sum_loss"] == pytest.approx(sums, rel=1e-4)  # fp32 log-sum-exp over 50,257 logits: ~1e-5 relative
+    assert scored["mean_loss"] == pytest.approx(means, rel=1e-4)
     assert (scored["pred"], scored["pred_norm"]) == (1, 0)
     assert (result["acc"], result["acc_norm"], result["correct"], result["correct_norm"]) == (0.0, 1.0, 0, 1)
 

@@ -12,7 +12,7 @@ ROOT = Path(raygpt.__file__).parent
 # Bottom to top. A unit (a flat module or a package) may import units of lower layers only;
 # units that share a layer do not import each other. Within a unit anything goes.
 LAYERS = [
-    ["raygpt", "raygpt.errors"],  # raygpt: the package's own __init__ (its version)
+    ["raygpt", "raygpt.errors", "raygpt.logs"],  # raygpt: the package's own __init__ (its version)
     # The storage seam knows what a URI is, and config checks every URI of a spec with it.
     ["raygpt.storage"],
     ["raygpt.config"],

@@ -156,12 +156,12 @@ def preemption_saves(driver: Driver) -> list[dict]:
 
 @pytest.mark.integration
 def test_drained_nodes_cost_no_step_and_no_failure(cluster, tiny_dataset, two_worker_losses, tmp_path):
-    """Three spot reclaims with ``train.max_failures: 0``: the first with a 20 s notice, then two
-    with 6 s. Each saves before its deadline, and the run resumes where it stood."""
+    """Two spot reclaims with ``train.max_failures: 0``, a 10 s notice and then a 6 s one. Each
+    saves before its deadline, and the run resumes where it stood."""
     root = f"s3://raygpt-test/spot-{os.urandom(4).hex()}"
     driver = Driver(spot_overrides(tiny_dataset, root, "drained"), cluster.address, tmp_path)
     victims = []
-    for k, deadline in enumerate((20, 6, 6)):
+    for k, deadline in enumerate((10, 6)):
         nodes = driver.worker_nodes() if k == 0 else attempt_nodes(driver, k + 1)
         add_node(cluster)  # where the workers go once their node is reclaimed
         for victim in sorted(set(nodes)):
@@ -169,12 +169,12 @@ def test_drained_nodes_cost_no_step_and_no_failure(cluster, tiny_dataset, two_wo
         # The notice's outcome: a save on it, or (a save missed) the next attempt. The worker's
         # own clock says when the save was durable; the driver hears of it later, the more so
         # on a loaded machine.
-        driver.wait_for(lambda k=k: any(r["attempt"] == k + 1 and "durable_at" in r for r in preemption_saves(driver))
+        driver.wait_for(lambda k=k: any(r.get("attempt") == k + 1 and "durable_at" in r for r in preemption_saves(driver))
                         or any(r.get("attempt") == k + 2 for r in driver.records()), f"the outcome of notice {k + 1}")
-        saved = next((r for r in preemption_saves(driver) if r["attempt"] == k + 1 and "durable_at" in r), None)
+        saved = next((r for r in preemption_saves(driver) if r.get("attempt") == k + 1 and "durable_at" in r), None)
         assert saved is not None, f"notice {k + 1} passed without a save:\n" + "\n".join(driver.lines[-40:])
         notice = next(r["preemption_notice"] for r in driver.records() if "preemption_notice" in r
-                      and r["attempt"] == k + 1)
+                      and r.get("attempt") == k + 1)
         assert saved["durable_at"] * 1000 < notice["deadline_ms"], "the save landed after the deadline"
         # At the deadline Ray Train stops the workers and starts them elsewhere; then the node goes.
         attempt_nodes(driver, k + 2)
@@ -186,8 +186,8 @@ def test_drained_nodes_cost_no_step_and_no_failure(cluster, tiny_dataset, two_wo
     assert step_losses(records) == two_worker_losses  # bitwise: the same 2 workers' arithmetic
     record = Storage().read_json(join(driver.run, "run.json"))
     attempts = record["attempts"]
-    assert [a["ended"] for a in attempts] == ["preemption notice"] * 3 + ["finished"]
-    assert [a["recomputed_after"] for a in attempts[:3]] == [0, 0, 0]
+    assert [a["ended"] for a in attempts] == ["preemption notice"] * 2 + ["finished"]
+    assert [a["recomputed_after"] for a in attempts[:2]] == [0, 0]
     assert all(a["world_size"] == 2 for a in attempts)
     for before, after, gone in zip(attempts, attempts[1:], victims):
         assert gone <= set(before["nodes"]) and not gone & set(after["nodes"])
@@ -263,7 +263,7 @@ def test_a_resume_that_would_change_the_data_is_refused(ray_local, tiny_dataset)
     for change, message in (("train.seq_len=16", "train.seq_len: 16, but the run refused was trained with 32"),
                             ("train.seed=7", "train.seed: 7, but the run refused was trained with 1337"),
                             ("train.global_batch_tokens=4096",
-                             "train.global_batch_tokens: 4096, but the run refused was trained with 2048")):
+                             "train.global_batch_tokens: 4096, but the run refused was trained with 1024")):
         with pytest.raises(RaygptError, match=message + r" \(checkpoint .*checkpoint_00000004\): resuming would "
                                                         r"read other sequences at every step"):
             train(load_spec(None, [*overrides, change, "train.stop_at_step=null"]))
