@@ -292,6 +292,14 @@ class Storage:
         except json.JSONDecodeError as e:
             raise RaygptError(f"{uri}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
+    def read_json_or_none(self, uri: str) -> Any:
+        """``read_json``, or None when the file is missing or unreadable (half-written, damaged):
+        for readers that say what they lack instead of failing."""
+        try:
+            return self.read_json(uri) if self.exists(uri) else None
+        except RaygptError:
+            return None
+
     def write_json(self, uri: str, obj: Any) -> None:
         self.write_bytes(uri, (json.dumps(obj, indent=2) + "\n").encode())
 

@@ -47,7 +47,7 @@ def gather(sweep: Sweep, storage: Storage, run_errors: dict[str, str] | None = N
     tests = _test_losses(join(folders["eval"], TEST_LOSS_FILE), storage)
     runs, curves = [], {}
     for run in sweep.runs:
-        record = _json_or_none(join(sweep.stage_spec.storage_path, run.name, RUN_RECORD_FILE), storage) or {}
+        record = storage.read_json_or_none(join(sweep.stage_spec.storage_path, run.name, RUN_RECORD_FILE)) or {}
         metrics_uri = join(sweep.stage_spec.storage_path, run.name, METRICS_FILE)
         records = read_curve(metrics_uri, storage)[0] if storage.exists(metrics_uri) else []
         final, cost = record.get("final") or {}, record.get("cost") or {}
@@ -102,7 +102,7 @@ def _pairing(sweep: Sweep, variant: str, curves: dict[str, dict]) -> dict[str, A
 
 
 def _test_losses(uri: str, storage: Storage) -> dict[str, Any]:
-    document = _json_or_none(uri, storage) or {}
+    document = storage.read_json_or_none(uri) or {}
     about = {k: document.get(k) for k in ("dataset", "manifest_sha256", "seq_len", "test_tokens")} if document else None
     return {"about": about, "results": {r["ref"]: r for r in document.get("results", []) if isinstance(r, dict)}}
 
@@ -116,7 +116,7 @@ def _judge(uri: str, storage: Storage, sweep: Sweep, runs: list[dict[str, Any]])
     from raygpt.stats.resampling import spearman_interval
     from raygpt.weights.refs import model_id
 
-    summary = _json_or_none(uri, storage)
+    summary = storage.read_json_or_none(uri)
     if not isinstance(summary, dict):
         return None
     models = {m["model"]: m for m in summary.get("models", []) if isinstance(m, dict) and "model" in m}
@@ -144,15 +144,6 @@ def _judge(uri: str, storage: Storage, sweep: Sweep, runs: list[dict[str, Any]])
                      "sentence": "variants: " + describe_agreement(result["spearman"], result["ci"])}
     return {"summary": uri, "judge": (summary.get("judge") or {}).get("model"), "variants": variants,
             "letters_from": comparisons.get("letters_from"), "pairs": [p for p in pairs if p], "agreement": agreement}
-
-
-def _json_or_none(uri: str, storage: Storage) -> Any:
-    if not storage.exists(uri):
-        return None
-    try:
-        return storage.read_json(uri)
-    except Exception:  # a half-written or damaged file: the report says what it lacks instead
-        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,7 +434,7 @@ def plot_differences(document: dict[str, Any], path: Path) -> bool:
 def unchanged(document: dict[str, Any], storage: Storage, folder: str) -> bool:
     """Whether ``folder`` holds this report already (all but the time it was made): a finished
     sweep started again rewrites nothing."""
-    stored = _json_or_none(join(folder, "sweep.json"), storage)
+    stored = storage.read_json_or_none(join(folder, "sweep.json"))
     same = json.loads(json.dumps(document))  # as JSON has it (int keys become strings)
     return isinstance(stored, dict) and {**stored, "created": None} == {**same, "created": None}
 

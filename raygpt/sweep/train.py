@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from raygpt.errors import RaygptError
 from raygpt.stages import RUN_RECORD_FILE, run_dir
 from raygpt.storage import Storage, join
 from raygpt.sweep.spec import Sweep, SweepRun
@@ -39,13 +38,7 @@ class RunOutcome:
 
 
 def run_record(run: SweepRun, storage: Storage) -> dict[str, Any] | None:
-    uri = join(run_dir(run.spec), RUN_RECORD_FILE)
-    if not storage.exists(uri):
-        return None
-    try:
-        return storage.read_json(uri)
-    except RaygptError:
-        return None
+    return storage.read_json_or_none(join(run_dir(run.spec), RUN_RECORD_FILE))
 
 
 def is_trained(record: dict[str, Any] | None, run: SweepRun) -> bool:

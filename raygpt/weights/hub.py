@@ -46,29 +46,22 @@ def model_facts(ref: str, info: dict[str, Any], spec: Any, storage: Storage) -> 
     if ref.startswith(IFT_PREFIX) or (folder and folder.rstrip("/").endswith("/model")):
         metrics_uri = join((fine_tuned_folder(ref, spec) if ref.startswith(IFT_PREFIX) else folder)[:-len("/model")],
                            IFT_METRICS_FILE)
-        facts["fine_tuning"] = _read(storage, metrics_uri)
+        facts["fine_tuning"] = storage.read_json_or_none(metrics_uri)
         run_ref = (facts["fine_tuning"] or {}).get("base_model") or ref
     if not run_ref.startswith(OPENAI_PREFIX):
-        facts["run"] = _read(storage, join(_run_folder(run_ref, folder, spec), RUN_RECORD_FILE))
+        facts["run"] = storage.read_json_or_none(join(_run_folder(run_ref, folder, spec), RUN_RECORD_FILE))
     if facts["run"]:
         dataset = (facts["run"].get("dataset") or {}).get("uri")
-        facts["manifest"] = _read(storage, join(dataset, "manifest.json")) if dataset else None
+        facts["manifest"] = storage.read_json_or_none(join(dataset, "manifest.json")) if dataset else None
     ids = {ref, info.get("id"), folder} - {None}
-    facts["test_loss"] = _result_for(_read(storage, join(eval_dir(spec), TEST_LOSS_FILE)), ids, folder)
-    facts["hellaswag"] = _result_for(_read(storage, join(eval_dir(spec), HELLASWAG_FILE)), ids, folder)
-    summary = _read(storage, join(judge_dir(spec), JUDGE_SUMMARY_FILE)) or {}
+    facts["test_loss"] = _result_for(storage.read_json_or_none(join(eval_dir(spec), TEST_LOSS_FILE)), ids, folder)
+    facts["hellaswag"] = _result_for(storage.read_json_or_none(join(eval_dir(spec), HELLASWAG_FILE)), ids, folder)
+    summary = storage.read_json_or_none(join(judge_dir(spec), JUDGE_SUMMARY_FILE)) or {}
     judged = [m for m in summary.get("models") or [] if m.get("model") in ids or m.get("base_model") in ids]
     if judged and judged[0].get("mean") is not None:
         facts["ift_score"] = {"mean": judged[0]["mean"], "ci95": judged[0].get("ci95"),
                               "judge": (summary.get("judge") or {}).get("model")}
     return facts
-
-
-def _read(storage: Storage, uri: str) -> dict[str, Any] | None:
-    try:
-        return storage.read_json(uri) if storage.exists(uri) else None
-    except RaygptError:
-        return None
 
 
 def _run_folder(ref: str, folder: str | None, spec: Any) -> str:
