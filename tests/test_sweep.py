@@ -373,7 +373,14 @@ def killed_sweep(finished_sweep, ray_local, s3_server):
     runs = [f"killed/{v}@{s}" for v in ("baseline", "lr-div-30") for s in (1, 2)]
     command = [sys.executable, "-m", "raygpt.cli", "sweep", str(path),
                "--address", ray_local.get_runtime_context().gcs_address]
-    before_driver = set(actors(actor_state_name="ALIVE"))
+
+    def fate_shared():
+        """The live actors that die with their job's driver: not Ray Train's detached helpers (its
+        state actor, and a placement-group cleaner that lives on when its controller dies before
+        telling it to watch)."""
+        return {i: a["ActorClassName"] for i, a in actors(actor_state_name="ALIVE").items() if not a["IsDetached"]}
+
+    before_driver = set(fate_shared())
     env = {**os.environ, **s3_server.env()}
     env.pop("RAY_ADDRESS", None)
     with open(folder / "killed-first.log", "w") as log:
@@ -397,8 +404,8 @@ def killed_sweep(finished_sweep, ray_local, s3_server):
     # The killed driver's job ends and Ray stops its actors: the trials, each the driver of one
     # run, and their workers. A trial gets a moment past the kill: a run may finish in it.
     ceiling = time.time() + 120
-    while set(actors(actor_state_name="ALIVE")) - before_driver:
-        assert time.time() < ceiling, "the killed sweep's trials are still alive"
+    while left := {i: name for i, name in fate_shared().items() if i not in before_driver}:
+        assert time.time() < ceiling, f"the killed sweep's actors are still alive: {sorted(left.values())}"
         time.sleep(0.2)
     before = {r: (Storage().read_bytes(join(storage, r, "run.json")), Storage().read_bytes(join(storage, r, "metrics.jsonl")))
               for r in finished}
