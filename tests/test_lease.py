@@ -78,6 +78,26 @@ def test_a_stale_lease_and_a_gone_process_are_taken_over(tmp_path):
         assert read_lease(run, st)["owner"] == lease.owner
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="zombies are told apart through /proc")
+def test_a_driver_that_exited_but_is_not_reaped_yet_is_gone(tmp_path):
+    """A Ray actor that drove a run is killed with its job, then waits for its raylet to reap it:
+    it still answers signals meanwhile, but its lease is free."""
+    import socket
+
+    st, run = Storage(), str(tmp_path / "r1")
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])  # not waited for: a zombie once it exits
+    try:
+        while Path(f"/proc/{exited.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            time.sleep(0.01)
+        st.write_json(lease_uri(run), {"owner": "x", "host": socket.gethostname(), "pid": exited.pid,
+                                       "started": "then", "renewed_at": time.time(), "expires_after_s": 60})
+        check_free("r1", run, st)
+        with RunLease("r1", run, st, expires_after_s=60, settle_s=0).acquire() as lease:
+            assert read_lease(run, st)["owner"] == lease.owner
+    finally:
+        exited.wait()
+
+
 def test_the_lease_is_renewed_and_a_take_over_stops_the_holder(tmp_path):
     st, run = Storage(), str(tmp_path / "r1")
     lost = []

@@ -258,10 +258,18 @@ def _parsed(data: bytes | None) -> dict[str, Any] | None:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not exited. A driver that exited but whose parent
+    has not reaped it yet (a Ray actor killed with its job, until its raylet waits for it) still
+    answers signals: on Linux its state in /proc says it is a zombie."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            state = stat.read().rsplit(")", 1)[1].split()[0]  # after the command name, which may hold spaces
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): the signal said it exists
+    return state not in ("Z", "X")
