@@ -362,6 +362,7 @@ def killed_sweep(finished_sweep, ray_local, s3_server):
     from ray._private.state import actors
 
     from raygpt.storage import Storage, join
+    from raygpt.train.lease import holder_alive, read_lease
 
     folder, storage = finished_sweep["folder"], finished_sweep["storage"]
     instructions = [{"instruction": f"Say {w} {k} times.", "input": "" if k % 2 else w, "output": f"{w} " * k}
@@ -407,10 +408,16 @@ def killed_sweep(finished_sweep, ray_local, s3_server):
     while left := {i: name for i, name in fate_shared().items() if i not in before_driver}:
         assert time.time() < ceiling, f"the killed sweep's actors are still alive: {sorted(left.values())}"
         time.sleep(0.2)
+    # ... and their processes have exited: no run's lease names a live driver.
+    while held := [r for r in runs if (lease := read_lease(join(storage, r), Storage())) and holder_alive(lease)]:
+        assert time.time() < ceiling, f"the killed sweep's drivers still hold {held}"
+        time.sleep(0.2)
     before = {r: (Storage().read_bytes(join(storage, r, "run.json")), Storage().read_bytes(join(storage, r, "metrics.jsonl")))
               for r in finished}
     again = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=1200, env=env)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    report = Storage().read_json_or_none(join(storage, "killed/report/sweep.json")) or {}
+    errors = {r["run"]: r["error"] for r in report.get("runs", []) if r.get("error")}
+    assert again.returncode == 0, f"{errors}\n{again.stdout[-3000:]}{again.stderr[-3000:]}"
     return {"path": path, "runs": runs, "finished": finished, "in_flight": in_flight, "before": before,
             "records": _records(storage, runs), "stdout": again.stdout}
 
