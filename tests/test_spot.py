@@ -263,7 +263,7 @@ def test_a_resume_that_would_change_the_data_is_refused(ray_local, tiny_dataset)
     for change, message in (("train.seq_len=16", "train.seq_len: 16, but the run refused was trained with 32"),
                             ("train.seed=7", "train.seed: 7, but the run refused was trained with 1337"),
                             ("train.global_batch_tokens=4096",
-                             "train.global_batch_tokens: 4096, but the run refused was trained with 512")):
+                             "train.global_batch_tokens: 4096, but the run refused was trained with 1024")):
         with pytest.raises(RaygptError, match=message + r" \(checkpoint .*checkpoint_00000004\): resuming would "
                                                         r"read other sequences at every step"):
             train(load_spec(None, [*overrides, change, "train.stop_at_step=null"]))
