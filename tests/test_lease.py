@@ -87,7 +87,9 @@ def test_a_driver_that_exited_but_is_not_reaped_yet_is_gone(tmp_path):
     st, run = Storage(), str(tmp_path / "r1")
     exited = subprocess.Popen([sys.executable, "-c", "pass"])  # not waited for: a zombie once it exits
     try:
+        ceiling = time.monotonic() + 60  # a hang guard: `pass` exits at once
         while Path(f"/proc/{exited.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < ceiling, "the child never exited"
             time.sleep(0.01)
         st.write_json(lease_uri(run), {"owner": "x", "host": socket.gethostname(), "pid": exited.pid,
                                        "started": "then", "renewed_at": time.time(), "expires_after_s": 60})

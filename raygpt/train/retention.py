@@ -15,7 +15,7 @@ from ray.train import UserCallback
 
 from raygpt.errors import RaygptError
 from raygpt.storage import join
-from raygpt.weights.retention import Retention
+from raygpt.weights.retention import BEYOND_KEEP, Retention
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,5 @@ class CheckpointRetention(UserCallback):
             log.warning("raygpt: checkpoint retention skipped this save: %s", e)
             return
         for name, why in removed:  # each save prunes one beyond checkpoint.keep: say so only when asked
-            routine = str(why).startswith("beyond checkpoint.keep")
-            log.log(logging.DEBUG if routine else logging.INFO, "raygpt: removed checkpoint folder %s: %s",
-                    join(self.retention.run_uri, name), why)
+            log.log(logging.DEBUG if why.startswith(BEYOND_KEEP) else logging.INFO,
+                    "raygpt: removed checkpoint folder %s: %s", join(self.retention.run_uri, name), why)

@@ -29,6 +29,8 @@ from raygpt.storage import Storage, join
 from raygpt.weights.integrity import Problem, stored_checkpoint_problem
 from raygpt.weights.layout import checkpoint_names, checkpoint_order
 
+BEYOND_KEEP = "beyond checkpoint.keep"
+"""How the reason for routine pruning begins (an intact checkpoint with ``keep`` newer ones)."""
 QUIET_S = 60.0
 """Seconds without a change after which no writer owns a partial folder."""
 
@@ -70,7 +72,7 @@ class Retention:
                 kept += 1
                 if kept <= self.keep or name == self.resumed_from:
                     continue
-                problem = Problem(f"beyond checkpoint.keep: {self.keep} newer intact checkpoint(s)")
+                problem = Problem(f"{BEYOND_KEEP}: {self.keep} newer intact checkpoint(s)")
             if problem.partial and not self._quiet(name, now):
                 continue
             removed.append(self._delete(name, problem))
