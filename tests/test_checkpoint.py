@@ -232,6 +232,19 @@ def test_resume_choice_skips_damaged_checkpoints_and_says_why(tmp_path):
         newest_intact_checkpoint(join(root, "demo"), storage)
 
 
+def test_saves_cut_off_mid_upload_are_no_checkpoint_to_resume_from(tmp_path):
+    """A run killed during its first save: the folder has its trainer state but not all its
+    files. Nothing to resume from, and nothing damaged: the run's records decide."""
+    from raygpt.weights.integrity import newest_intact_checkpoint
+
+    root, storage, trainer = str(tmp_path / "runs"), Storage(), Trainer(init_seed=1)
+    trainer.step()
+    name = os.path.basename(write_checkpoint(root, "demo", trainer, tmp_path / "local"))
+    (tmp_path / "runs" / "demo" / name / "model.pt").unlink()
+    choice = newest_intact_checkpoint(join(root, "demo"), storage)
+    assert choice.uri is None and [(n, p) for n, p in choice.skipped] == [(name, "model.pt is missing")]
+
+
 def test_a_save_never_reuses_a_folder_the_run_already_holds():
     from raygpt.weights.layout import checkpoint_dir_name, checkpoint_order
 

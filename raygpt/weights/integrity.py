@@ -151,9 +151,10 @@ def choose_checkpoint(run_uri: str, names: list[str], problem_of: Callable[[str]
     """The first of ``names`` (newest first) for which ``problem_of`` finds nothing wrong.
 
     A RaygptError (ending with ``hint``) when there are checkpoints but none is intact.
-    Folders that never got a ``trainer_state.json`` (every save cut off before its end: the
-    first save of a run killed mid-upload) do not count: the choice is None, and whoever
-    asked decides whether the run's records allow starting over.
+    Saves cut off before their end (a partial folder: no ``trainer_state.json``, or a file
+    missing or short, as the first save of a run killed mid-upload leaves it) do not count:
+    when they are all there is, the choice is None, and whoever asked decides whether the
+    run's records allow starting over.
     """
     skipped: list[tuple[str, str]] = []
     for name in names:
@@ -161,7 +162,7 @@ def choose_checkpoint(run_uri: str, names: list[str], problem_of: Callable[[str]
         if problem is None:
             return ResumeChoice(join(run_uri, name), skipped)
         skipped.append((name, problem))
-    if any(problem != NO_STATE for _, problem in skipped):
+    if not all(getattr(problem, "partial", False) for _, problem in skipped):
         raise RaygptError(f"run {run_uri}: none of its {len(skipped)} checkpoint(s) is intact ("
                           + "; ".join(f"{name}: {problem}" for name, problem in skipped) + f"): {hint}")
     return ResumeChoice(None, skipped)
