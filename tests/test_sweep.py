@@ -363,6 +363,7 @@ def killed_sweep(finished_sweep, ray_local, s3_server):
 
     from raygpt.storage import Storage, join
     from raygpt.train.lease import holder_alive, read_lease
+    from raygpt.weights.integrity import stored_checkpoint_problem
 
     folder, storage = finished_sweep["folder"], finished_sweep["storage"]
     instructions = [{"instruction": f"Say {w} {k} times.", "input": "" if k % 2 else w, "output": f"{w} " * k}
@@ -394,8 +395,8 @@ def killed_sweep(finished_sweep, ray_local, s3_server):
                 assert time.time() < deadline, "no run finished while another was past its first checkpoint"
                 records = _records(storage, runs)
                 finished = [r for r, rec in records.items() if rec["status"] == "finished"]
-                in_flight = [r for r, rec in records.items() if rec["status"] == "running"
-                             and Storage().exists(join(storage, r, "checkpoint_00000010", "trainer_state.json"))]
+                in_flight = [r for r, rec in records.items() if rec["status"] == "running" and stored_checkpoint_problem(
+                             join(storage, r, "checkpoint_00000010"), Storage(), hashes=False) is None]
                 if finished and in_flight:
                     break
                 time.sleep(0.2)
